@@ -1,0 +1,256 @@
+"""Denoisers: the only thing a sampler sees. ``eps = denoiser(x_t, t, guidance)``.
+
+Layout everywhere: ``x_t`` is a video latent ``[1, C, F, h, w]`` float32, scaled by the VAE factor (diffusers
+convention); ``t`` is a timestep of ``denoiser.schedule`` (int 0..999, or float when mapped); the result is the
+guided noise prediction, float32, same shape as ``x_t`` (4 channels).
+
+Conditioning is a ``Guidance``: a list of ``Branch``es (one UNet evaluation each: prompt embedding, optional
+concatenated channels, optional ControlNet hint) and weights; the guided prediction is ``sum_k w_k * eps_k``. All
+branches (and all frames, for image models) run as ONE batched UNet call. This covers
+  - no guidance:       [cond]                 weights [1]
+  - classifier-free:   [uncond, cond]         weights [1-g, g]            (eps_u + g (eps_c - eps_u))
+  - InstructPix2Pix:   [text+img, null+img, null+0]  weights [s_t, s_i-s_t, 1-s_i]
+                       (eps_0 + s_t (eps_TI - eps_I) + s_i (eps_I - eps_0), METHODS.md §2.2, MODELS.md §3.3)
+
+Image denoisers (``UNet2DDenoiser``) fold frames into the batch, optionally in chunks of ``frame_batch_size``; video
+denoisers (``VideoDenoiser``: diffusers ``UNetMotionModel`` or ``UNet3DConditionModel``) see the whole clip.
+``on_schedule`` lets a denoiser be driven on another model's timesteps by equal-alpha-bar mapping (METHODS.md §1.4).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .schedule import NoiseSchedule, Timestep
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Branch:
+    """Conditioning of one UNet evaluation over the whole clip.
+
+    text: prompt embedding ``[1, 77, D]`` (same for every frame) or ``[F, 77, D]`` (per frame).
+    concat: extra input channels ``[1, C', F, h, w]`` appended after ``x_t`` (InstructPix2Pix: the unscaled source
+        image latent, 4 ch; inpainting: mask + scaled masked-image latent, 5 ch), or None.
+    control: ControlNet hint ``[F, 3, H, W]`` in 0..1 at pixel size (8x the latent), or None.
+    """
+    text: torch.Tensor
+    concat: Optional[torch.Tensor] = None
+    control: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Guidance:
+    """Branches evaluated in one batch and combined linearly: ``eps = sum_k weights[k] * eps_k``."""
+    branches: list
+    weights: list = field(default_factory=lambda: [1.0])
+
+    def __post_init__(self):
+        if len(self.branches) != len(self.weights) or not self.branches:
+            raise ValueError(f"Guidance needs one weight per branch, got {len(self.branches)} branches and "
+                             f"{len(self.weights)} weights")
+
+
+def single(branch: Branch) -> Guidance:
+    """No guidance: one conditional evaluation."""
+    return Guidance([branch], [1.0])
+
+
+def cfg(cond: Branch, uncond: Branch, scale: float) -> Guidance:
+    """Classifier-free guidance ``eps_u + scale (eps_c - eps_u)`` as one batched call; scale 1 is a single pass."""
+    if scale == 1.0:
+        return single(cond)
+    return Guidance([uncond, cond], [1.0 - scale, scale])
+
+
+def ip2p(text: torch.Tensor, null: torch.Tensor, image_latent: torch.Tensor, text_scale: float,
+         image_scale: float) -> Guidance:
+    """InstructPix2Pix three-way guidance (Brooks et al. 2023 Eq. 3; diffusers pipeline_stable_diffusion_instruct_pix2pix).
+
+    text/null: ``[1,77,D]`` embeddings of the instruction and the negative prompt; image_latent: the source frames'
+    UNSCALED VAE latent ``[1,4,F,h,w]``. eps = e0 + s_t (e_TI - e_I) + s_i (e_I - e0).
+    """
+    zeros = torch.zeros_like(image_latent)
+    return Guidance([Branch(text, image_latent), Branch(null, image_latent), Branch(null, zeros)],
+                    [text_scale, image_scale - text_scale, 1.0 - image_scale])
+
+
+def _timestep_tensor(t: Timestep, n: int, device) -> torch.Tensor:
+    if t is None:
+        raise ValueError("a denoiser cannot be evaluated at the end level")
+    if float(t) == int(t):
+        return torch.full((n,), int(t), dtype=torch.long, device=device)
+    return torch.full((n,), float(t), dtype=torch.float32, device=device)
+
+
+def _combine(eps: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """eps: [K, ...] float32 -> sum_k w_k eps_k [1, ...]."""
+    if len(weights) == 1:
+        return eps[:1] * weights[0] if weights[0] != 1.0 else eps[:1]
+    w = torch.tensor(weights, dtype=eps.dtype, device=eps.device).view(-1, *([1] * (eps.dim() - 1)))
+    return (eps * w).sum(0, keepdim=True)
+
+
+def _module_dtype(m: torch.nn.Module) -> torch.dtype:
+    return next(m.parameters()).dtype
+
+
+def _module_device(m: torch.nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
+class UNet2DDenoiser:
+    """Frame-wise image denoiser over a diffusers ``UNet2DConditionModel`` (SD1.5, inpainting 9 ch, IP2P 8 ch).
+
+    Frames and guidance branches are one batch ``[(K*F), C, h, w]`` (chunked over frames by ``frame_batch_size``;
+    results do not depend on the chunking). With ``controlnet``, each branch's hint drives the ControlNet on the
+    same batch and its residuals (times ``control_scale``) go into the UNet. ``inflated_groupnorm`` reproduces the
+    official BIVDiff inversion UNet (METHODS.md §7.1 B11): the resnet GroupNorms and the final ``conv_norm_out``
+    compute statistics over all frames of the clip instead of per frame (then frames are never chunked).
+    """
+    kind = "image"
+
+    def __init__(self, unet, schedule: NoiseSchedule, controlnet=None, control_scale: float = 1.0,
+                 frame_batch_size: Optional[int] = None, inflated_groupnorm: bool = False):
+        self.unet, self.schedule, self.controlnet = unet, schedule, controlnet
+        self.control_scale = float(control_scale)
+        self.frame_batch_size = frame_batch_size
+        self.inflated_groupnorm = inflated_groupnorm
+        self.calls = 0                      # UNet forward calls (benchmarks count them)
+
+    def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance) -> torch.Tensor:
+        n_frames = x.shape[2]
+        chunk = n_frames if (self.inflated_groupnorm or not self.frame_batch_size) else int(self.frame_batch_size)
+        out = [self._eval(x[:, :, s:s + chunk], t, guidance, s) for s in range(0, n_frames, chunk)]
+        return torch.cat(out, dim=2)
+
+    def _eval(self, x: torch.Tensor, t: Timestep, g: Guidance, start: int) -> torch.Tensor:
+        unet = self.unet
+        dtype, device = _module_dtype(unet), _module_device(unet)
+        nf, K = x.shape[2], len(g.branches)
+        frames = rearrange(x, "b c f h w -> (b f) c h w")
+        inputs, texts, hints = [], [], []
+        for br in g.branches:
+            xi = frames
+            if br.concat is not None:
+                xi = torch.cat([xi, rearrange(br.concat[:, :, start:start + nf], "b c f h w -> (b f) c h w")
+                                .to(xi)], dim=1)
+            inputs.append(xi)
+            text = br.text if br.text.shape[0] == 1 else br.text[start:start + nf]
+            texts.append(text.expand(nf, -1, -1) if text.shape[0] == 1 else text)
+            if self.controlnet is not None:
+                if br.control is None:
+                    raise ValueError("a ControlNet is attached but a guidance branch has no control hint")
+                hint = br.control if br.control.shape[0] == 1 else br.control[start:start + nf]
+                hints.append(hint.expand(nf, -1, -1, -1))
+        sample = torch.cat(inputs).to(device, dtype)
+        ctx = torch.cat(texts).to(device, dtype)
+        ts = _timestep_tensor(t, sample.shape[0], device)
+        kwargs = {}
+        if self.controlnet is not None:
+            cn = self.controlnet
+            down, mid = cn(sample[:, :4], ts, encoder_hidden_states=ctx.to(_module_dtype(cn)),
+                           controlnet_cond=torch.cat(hints).to(device, _module_dtype(cn)),
+                           conditioning_scale=self.control_scale, return_dict=False)
+            kwargs = dict(down_block_additional_residuals=[d.to(dtype) for d in down],
+                          mid_block_additional_residual=mid.to(dtype))
+        with _pooled_groupnorm(unet, K, nf) if self.inflated_groupnorm else contextlib.nullcontext():
+            eps = unet(sample, ts, encoder_hidden_states=ctx, return_dict=False, **kwargs)[0]
+        self.calls += 1
+        eps = rearrange(eps.float(), "(k f) c h w -> k c f h w", k=K)
+        return _combine(eps, g.weights)
+
+
+class VideoDenoiser:
+    """Whole-clip video denoiser over diffusers ``UNetMotionModel`` (AnimateDiff) or ``UNet3DConditionModel``
+    (ZeroScope/ModelScope). Branches are batched as ``[K, C, F, h, w]``. ``UNetMotionModel`` takes its text per
+    frame ``[(K*F), 77, D]`` (it does not repeat it), ``UNet3DConditionModel`` per clip ``[K, 77, D]``.
+    """
+    kind = "video"
+
+    def __init__(self, unet, schedule: NoiseSchedule):
+        self.unet, self.schedule = unet, schedule
+        self.per_frame_text = type(unet).__name__ == "UNetMotionModel"
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: Timestep, g: Guidance) -> torch.Tensor:
+        unet = self.unet
+        dtype, device = _module_dtype(unet), _module_device(unet)
+        nf, K = x.shape[2], len(g.branches)
+        inputs, texts = [], []
+        for br in g.branches:
+            if br.control is not None:
+                raise ValueError("video denoisers take no ControlNet hint")
+            inputs.append(x if br.concat is None else torch.cat([x, br.concat.to(x)], dim=1))
+            if self.per_frame_text:
+                texts.append(br.text.expand(nf, -1, -1) if br.text.shape[0] == 1 else br.text)
+            else:
+                if br.text.shape[0] != 1:
+                    raise ValueError("UNet3DConditionModel takes one prompt embedding per clip, not per frame")
+                texts.append(br.text)
+        sample = torch.cat(inputs).to(device, dtype)
+        ctx = torch.cat(texts).to(device, dtype)
+        eps = unet(sample, _timestep_tensor(t, K, device), encoder_hidden_states=ctx, return_dict=False)[0]
+        self.calls += 1
+        return _combine(eps.float(), g.weights)
+
+
+class MappedDenoiser:
+    """Drives ``inner`` on the timesteps of another (master) schedule: ``inner`` is called at the timestep of its own
+    schedule with the same alpha-bar (nearest integer, or a float with ``exact``), METHODS.md §1.4. Master levels
+    noisier than ``inner`` ever saw clamp to 999; this is logged once.
+    """
+
+    def __init__(self, inner, master: NoiseSchedule, exact: bool = False):
+        self.inner, self.schedule, self.kind, self.exact = inner, master, inner.kind, exact
+        self._warned = False
+
+    def __call__(self, x, t, g):
+        u = self.schedule.map_timestep(t, self.inner.schedule, exact=self.exact)
+        if not self._warned and self.schedule.alpha_bar(t) < self.inner.schedule.alphas_cumprod[-1]:
+            log.warning("timestep %s of the master schedule is noisier than the %s model was trained for; "
+                        "clamped to %s", t, self.inner.kind, u)
+            self._warned = True
+        return self.inner(x, u, g)
+
+    @property
+    def calls(self):
+        return self.inner.calls
+
+
+def on_schedule(denoiser, master: NoiseSchedule, exact: bool = False):
+    """``denoiser`` itself when its schedule equals ``master`` (SD1.5 <-> ZeroScope), else a ``MappedDenoiser``."""
+    if denoiser.schedule.same_as(master):
+        return denoiser
+    return MappedDenoiser(denoiser, master, exact)
+
+
+# ------------------------------------------------------------------ frame-pooled GroupNorm (parity option, B11)
+@contextlib.contextmanager
+def _pooled_groupnorm(unet, n_branches: int, n_frames: int):
+    """Temporarily make the UNet's resnet GroupNorms and ``conv_norm_out`` pool their statistics over frames, as the
+    inflated (Tune-A-Video style) UNet of the official BIVDiff code does on ``[b, c, f, h, w]`` tensors. Attention
+    blocks keep per-frame norms (the official Transformer3D folds frames first). Hooks are removed on exit, also
+    after an exception.
+    """
+    def hook(module, args, output):
+        x = args[0]
+        x5 = rearrange(x, "(k f) c h w -> k c f h w", k=n_branches, f=n_frames)
+        y = F.group_norm(x5, module.num_groups, module.weight, module.bias, module.eps)
+        return rearrange(y, "k c f h w -> (k f) c h w")
+
+    norms = [m for name, m in unet.named_modules() if isinstance(m, torch.nn.GroupNorm)
+             and (name == "conv_norm_out" or ".resnets." in name)]
+    handles = [m.register_forward_hook(hook) for m in norms]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from videobridge.core.denoisers import Branch, Guidance, MappedDenoiser, UNet2DDenoiser, VideoDenoiser, cfg, \
+    ip2p, on_schedule, single
+from videobridge.core.schedule import NoiseSchedule
+
+from . import tiny
+
+SD = NoiseSchedule.sd15()
+F_ = 4
+
+
+def latent(seed=0, frames=F_, ch=4):
+    return torch.randn(1, ch, frames, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_cfg_is_one_batched_call_equal_to_separate_calls():
+    d = UNet2DDenoiser(tiny.unet2d(), SD)
+    x, c, u = latent(), tiny.text(1), tiny.text(2)
+    guided = d(x, 501, cfg(Branch(c), Branch(u), 7.5))
+    assert d.calls == 1 and guided.shape == x.shape and guided.dtype == torch.float32
+    ec, eu = d(x, 501, single(Branch(c))), d(x, 501, single(Branch(u)))
+    assert torch.allclose(guided, eu + 7.5 * (ec - eu), atol=1e-5)
+
+
+@torch.no_grad()
+def test_image_denoiser_is_framewise_and_chunking_does_not_change_it():
+    unet = tiny.unet2d()
+    x, g = latent(), single(Branch(tiny.text(1)))
+    full = UNet2DDenoiser(unet, SD)(x, 301, g)
+    chunked = UNet2DDenoiser(unet, SD, frame_batch_size=3)(x, 301, g)
+    assert torch.allclose(full, chunked, atol=1e-5)
+    one = UNet2DDenoiser(unet, SD)(x[:, :, 2:3], 301, g)                    # frame 2 alone
+    assert torch.allclose(full[:, :, 2:3], one, atol=1e-5)
+
+
+@torch.no_grad()
+def test_per_frame_prompts_and_bf16_model_returns_float32():
+    unet = tiny.unet2d().to(torch.bfloat16)
+    texts = tiny.text(3, n=F_)
+    eps = UNet2DDenoiser(unet, SD)(latent(), 101, single(Branch(texts)))
+    assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
+
+
+@torch.no_grad()
+def test_controlnet_residuals_change_eps_and_hints_are_required():
+    unet, cn = tiny.unet2d(), tiny.controlnet()
+    hint = torch.rand(F_, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x, c = latent(), tiny.text(1)
+    plain = UNet2DDenoiser(unet, SD)(x, 401, single(Branch(c)))
+    ctrl = UNet2DDenoiser(unet, SD, controlnet=cn)(x, 401, single(Branch(c, control=hint)))
+    weak = UNet2DDenoiser(unet, SD, controlnet=cn, control_scale=0.0)(x, 401, single(Branch(c, control=hint)))
+    assert not torch.allclose(plain, ctrl, atol=1e-4)
+    assert torch.allclose(plain, weak, atol=1e-5)
+    with pytest.raises(ValueError, match="control hint"):
+        UNet2DDenoiser(unet, SD, controlnet=cn)(x, 401, single(Branch(c)))
+
+
+@torch.no_grad()
+def test_ip2p_three_way_guidance():
+    d = UNet2DDenoiser(tiny.unet2d(in_channels=8), SD)
+    x, img, c, n = latent(), latent(5), tiny.text(1), tiny.text(2)
+    eps = d(x, 601, ip2p(c, n, img, 7.5, 1.5))
+    e_ti = d(x, 601, single(Branch(c, img)))
+    e_i = d(x, 601, single(Branch(n, img)))
+    e_0 = d(x, 601, single(Branch(n, torch.zeros_like(img))))
+    assert torch.allclose(eps, e_0 + 7.5 * (e_ti - e_i) + 1.5 * (e_i - e_0), atol=1e-4)
+
+
+@torch.no_grad()
+def test_inflated_groupnorm_pools_over_frames_and_is_removed_after_use():
+    unet = tiny.unet2d()
+    x, g = latent(), single(Branch(tiny.text(1)))
+    per_frame = UNet2DDenoiser(unet, SD)(x, 201, g)
+    pooled = UNet2DDenoiser(unet, SD, inflated_groupnorm=True)
+    out = pooled(x, 201, g)
+    assert (out - per_frame).abs().max() > 1e-3
+    assert torch.allclose(pooled(x[:, :, :1], 201, g), per_frame[:, :, :1], atol=1e-5)   # 1 frame: identical
+    assert torch.allclose(UNet2DDenoiser(unet, SD)(x, 201, g), per_frame)                 # hooks gone
+    assert all(not m._forward_hooks for m in unet.modules())
+    with pytest.raises(Exception):
+        pooled(x, 201, single(Branch(torch.zeros(1, 77, 5))))                             # wrong text width
+    assert all(not m._forward_hooks for m in unet.modules())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["motion", "unet3d"])
+def test_video_denoiser_batches_guidance(kind):
+    unet = tiny.motion_unet() if kind == "motion" else tiny.unet3d()
+    d = VideoDenoiser(unet, SD)
+    x, c, u = latent(), tiny.text(1), tiny.text(2)
+    guided = d(x, 501, cfg(Branch(c), Branch(u), 5.0))
+    ec, eu = d(x, 501, single(Branch(c))), d(x, 501, single(Branch(u)))
+    assert guided.shape == x.shape and torch.allclose(guided, eu + 5.0 * (ec - eu), atol=1e-4)
+    # the video model mixes frames: changing frame 0 changes frame 3's eps
+    x2 = x.clone()
+    x2[:, :, 0] += 1.0
+    assert (d(x2, 501, single(Branch(c)))[:, :, 3] - ec[:, :, 3]).abs().max() > 1e-5
+
+
+def test_mapped_denoiser_calls_inner_at_equal_alpha_bar():
+    seen = []
+
+    class Rec:
+        kind, schedule, calls = "image", SD, 0
+
+        def __call__(self, x, t, g):
+            seen.append(t)
+            return x
+
+    ad = NoiseSchedule.animatediff()
+    m = on_schedule(Rec(), ad)
+    assert isinstance(m, MappedDenoiser) and m.schedule is ad
+    for t in (500, 201, 961):
+        m(torch.zeros(1), t, None)
+    assert seen == [600, 252, 999]
+    assert on_schedule(Rec(), NoiseSchedule.sd15()).__class__ is Rec
+
+
+def test_guidance_needs_a_weight_per_branch():
+    with pytest.raises(ValueError):
+        Guidance([Branch(tiny.text(0))], [0.5, 0.5])
