@@ -1,0 +1,21 @@
+"""VideoBridge nodes (V3 schema). ComfyUI calls ``comfy_entrypoint`` to get the extension and its node list."""
+from .api import ComfyExtension
+from .paths import register_animatediff_folder
+
+register_animatediff_folder()          # before any node lists models/animatediff_models
+
+from .bivdiff import VBDDIMInvert, VBFramewiseGenerate, VBMixLatents, VBVideoDenoise  # noqa: E402
+from .frames import VBDecodeFrames, VBEncodeFrames  # noqa: E402
+from .loaders import VBLoadControlNet, VBLoadImageModel, VBLoadVideoModel  # noqa: E402
+
+NODES = [VBLoadImageModel, VBLoadControlNet, VBLoadVideoModel, VBEncodeFrames, VBDecodeFrames, VBFramewiseGenerate,
+         VBDDIMInvert, VBMixLatents, VBVideoDenoise]
+
+
+class VideoBridgeExtension(ComfyExtension):
+    async def get_node_list(self):
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> VideoBridgeExtension:
+    return VideoBridgeExtension()

@@ -1,0 +1,342 @@
+"""BIVDiff as nodes: frame-wise generation -> DDIM inversion (image / video) -> Mixed Inversion -> temporal smoothing.
+
+A thin skin over ``core.bivdiff`` (METHODS.md §2). A noisy LATENT (after inversion) carries ``vb_timestep``,
+``vb_schedule`` and ``vb_grid``; VBMixLatents and VBVideoDenoise check them and refuse a mismatch.
+"""
+from __future__ import annotations
+
+from ..core import bivdiff
+from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, on_schedule, single
+from ..core.denoisers import cfg as cfg_guidance
+from ..core.latents import check_size, decode_video, encode_video, vae_scale
+from ..core.samplers import ddim_invert, sdedit
+from . import runtime, types
+from .api import io
+
+INVERT_WITH = ["image model (frame-wise)", "video model (whole clip)"]
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _seed():
+    return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                        tooltip="Noise seed. Noise is drawn on the CPU, so a seed reproduces across hardware.")
+
+
+def _steps(default=bivdiff.DEFAULT_STEPS, what="sampling"):
+    return io.Int.Input("steps", default=default, min=1, max=1000,
+                        tooltip=f"DDIM {what} steps. Inversion and smoothing must use the same number.")
+
+
+def _frame_batch():
+    return io.Int.Input("frame_batch_size", default=0, min=0, max=1024,
+                        tooltip="Frames per image-UNet call (0 = all frames at once). Lower it to save memory; "
+                                "results do not change.")
+
+
+def latent_scale(video_model=None, image_model=None) -> float:
+    vae = None
+    if video_model is not None:
+        vae = video_model.model.vae or (video_model.image.model.vae if video_model.image else None)
+    if vae is None and image_model is not None:
+        vae = image_model.model.vae
+    return vae_scale(vae) if vae is not None else 0.18215
+
+
+class VBFramewiseGenerate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VBFramewiseGenerate", display_name="Frame-wise Generate (VideoBridge)",
+            category="VideoBridge/BIVDiff",
+            description="BIVDiff step 1: every frame generated independently by the image model, batched (DDIM, "
+                        "classifier-free guidance). The task follows the inputs: a ControlNet with hint frames; an "
+                        "InstructPix2Pix model with source frames; an inpainting model with frames and a MASK "
+                        "(outpainting = a mask over the borders); or text only. Outputs the frames and their "
+                        "re-encoded latent for VBDDIMInvert.",
+            inputs=[
+                types.ImageModel.Input("image_model", tooltip="SD1.5 base, inpainting or InstructPix2Pix model."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="Prompt (the edit instruction for InstructPix2Pix)."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Negative prompt; the unconditional branch of guidance."),
+                _seed(),
+                _steps(),
+                io.Float.Input("cfg", default=bivdiff.DEFAULT_CFG, min=1.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale (text guidance for InstructPix2Pix)."),
+                io.Int.Input("width", default=256, min=8, max=4096, step=8,
+                             tooltip="Width for text-only generation (otherwise the input frames' size)."),
+                io.Int.Input("height", default=256, min=8, max=4096, step=8,
+                             tooltip="Height for text-only generation (otherwise the input frames' size)."),
+                io.Int.Input("frames", default=8, min=1, max=4096,
+                             tooltip="Frame count for text-only generation (otherwise the input frames' count)."),
+                io.Float.Input("control_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="ControlNet conditioning scale (ControlNet only)."),
+                io.Float.Input("image_guidance", default=bivdiff.DEFAULT_IMAGE_GUIDANCE, min=0.0, max=10.0,
+                               step=0.05, tooltip="Image guidance scale s_I (InstructPix2Pix only)."),
+                _frame_batch(),
+                types.ControlNet.Input("controlnet", optional=True, tooltip="ControlNet applied to every frame."),
+                io.Image.Input("hints", optional=True,
+                               tooltip="ControlNet hint frames (e.g. Canny edges of the source video), one per frame "
+                                       "or one for all."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Source frames: the video to edit (InstructPix2Pix) or to inpaint/outpaint."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Inpainting mask, 1 = repaint; one per frame or one for all."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="The generated frames."),
+                     io.Latent.Output(display_name="latent",
+                                      tooltip="The frames re-encoded by the VAE (BIVDiff's Z0), for VBDDIMInvert.")])
+
+    @classmethod
+    def execute(cls, image_model, prompt, negative_prompt, seed, steps, cfg, width, height, frames,
+                control_strength, image_guidance, frame_batch_size, controlnet=None, hints=None, images=None,
+                mask=None) -> io.NodeOutput:
+        m = image_model.model
+        task = {"instruct_pix2pix": "instruct_pix2pix", "inpainting": "inpaint"}.get(
+            m.variant, "controlnet" if controlnet is not None else "text")
+        _check_task_inputs(m.variant, task, controlnet, hints, images, mask)
+        if images is not None:
+            n, H, W = images.shape[0], images.shape[1], images.shape[2]
+        elif hints is not None:
+            n, H, W = hints.shape[0], hints.shape[1], hints.shape[2]
+        else:
+            n, H, W = frames, height, width
+        check_size("images" if images is not None else ("hints" if hints is not None else "width/height"), H, W)
+        vae = m.vae
+        chunks = -(-n // 8)
+        progress = runtime.Progress(steps + 2 * chunks + (chunks if images is not None else 0), preview_every=1)
+        cb = progress.callbacks
+
+        text, null = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
+        concat = control = None
+        if images is not None:
+            device = runtime.load(image_model.vae)
+            pixels = runtime.image_to_video(images, "images", device)
+            if task == "instruct_pix2pix":
+                concat = bivdiff.ip2p_image_latent(vae, pixels, callbacks=cb)
+            else:
+                concat = bivdiff.inpaint_concat(vae, pixels, runtime.mask_to_core(mask, "mask", n, (H, W)),
+                                                callbacks=cb)
+        if controlnet is not None:
+            control = runtime.hints_to_core(hints, "hints", n, (H, W))
+        guidance = bivdiff.idm_guidance(task, text, null, cfg_scale=cfg, image_scale=image_guidance,
+                                        control=control, concat=concat)
+
+        device = runtime.load(image_model.unet, controlnet.patcher if controlnet is not None else None)
+        denoiser = UNet2DDenoiser(m.unet, m.schedule, controlnet=controlnet.model if controlnet else None,
+                                  control_scale=control_strength, frame_batch_size=frame_batch_size or None)
+        noise = bivdiff.initial_noise((1, 4, n, H // 8, W // 8), seed).to(device)
+        z = bivdiff.framewise_generate(denoiser, noise, m.schedule.timesteps(steps), _to(guidance, device),
+                                       callbacks=cb)
+        runtime.load(image_model.vae)
+        pixels = decode_video(vae, z, callbacks=cb)
+        z0 = encode_video(vae, pixels, callbacks=cb)                      # Z0 = E(D(z)), METHODS.md §2.2
+        return io.NodeOutput(runtime.video_to_image(pixels), runtime.to_latent(z0, vae_scale(vae)))
+
+
+def _check_task_inputs(variant, task, controlnet, hints, images, mask):
+    if controlnet is not None and hints is None:
+        raise ValueError("VBFramewiseGenerate: hints: a ControlNet is connected but no hint frames are")
+    if hints is not None and controlnet is None:
+        raise ValueError("VBFramewiseGenerate: controlnet: hint frames are connected but no ControlNet is")
+    if task == "instruct_pix2pix":
+        if images is None:
+            raise ValueError("VBFramewiseGenerate: images: an InstructPix2Pix model edits source frames; connect "
+                             "the video to edit")
+        if controlnet is not None:
+            raise ValueError("VBFramewiseGenerate: controlnet: ControlNet with InstructPix2Pix is not supported")
+    if task == "inpaint" and (images is None or mask is None):
+        raise ValueError("VBFramewiseGenerate: images and mask: an inpainting model needs the source frames and a "
+                         "MASK (1 = repaint)" + (" — the mask is missing" if images is not None else ""))
+    if task in ("text", "controlnet") and (images is not None or mask is not None):
+        raise ValueError(f"VBFramewiseGenerate: images/mask are only used by inpainting and InstructPix2Pix "
+                         f"models; this image_model is a {variant} model")
+
+
+def _to(guidance, device):
+    for br in guidance.branches:
+        br.text = br.text.to(device)
+        br.concat = br.concat.to(device) if br.concat is not None else None
+        br.control = br.control.to(device) if br.control is not None else None
+    return guidance
+
+
+class VBDDIMInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VBDDIMInvert", display_name="DDIM Invert (VideoBridge)", category="VideoBridge/BIVDiff",
+            description="Deterministic DDIM inversion of a clean latent, with the image model frame by frame or with "
+                        "the video model over the whole clip, on the video model's sampler grid; it ends exactly at "
+                        "the timestep VBVideoDenoise starts from. Two of these plus VBMixLatents are BIVDiff's "
+                        "Mixed Inversion.",
+            inputs=[
+                io.Latent.Input("latent", tooltip="Clean latent to invert (VBFramewiseGenerate or VBEncodeFrames)."),
+                io.Combo.Input("invert_with", options=INVERT_WITH, default=INVERT_WITH[0],
+                               tooltip="Which model inverts: the image model (frames independently) or the video "
+                                       "model (whole clip)."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="Inversion prompt, no guidance. Empty (the null prompt) as in the paper; the "
+                                        "official code used the negative prompt."),
+                _steps(what="inversion"),
+                io.Int.Input("fixed_point_iterations", default=0, min=0, max=10,
+                             tooltip="Extra UNet calls per step that make the inversion exact for its own prompt "
+                                     "(2-3 suffice); 0 is plain DDIM inversion as in BIVDiff."),
+                _frame_batch(),
+                io.Boolean.Input("legacy_grid", default=False,
+                                 tooltip="Parity with the official BIVDiff code: ends at timestep 998 instead of the "
+                                         "sampler's first timestep. For comparisons only."),
+                io.Boolean.Input("inflated_groupnorm", default=False,
+                                 tooltip="Parity with the official BIVDiff code (image model only): GroupNorm "
+                                         "statistics pooled over all frames, as its inflated 3D UNet does."),
+                types.ImageModel.Input("image_model", optional=True,
+                                       tooltip="Base SD1.5 model for frame-wise inversion."),
+                types.VideoModel.Input("video_model", optional=True,
+                                       tooltip="Video model: inverts the whole clip, and its schedule and steps define "
+                                               "the grid (connect it for image inversion too)."),
+            ],
+            outputs=[io.Latent.Output(display_name="noisy_latent",
+                                      tooltip="Inverted latent; it carries its timestep and schedule.")])
+
+    @classmethod
+    def execute(cls, latent, invert_with, prompt, steps, fixed_point_iterations, frame_batch_size, legacy_grid,
+                inflated_groupnorm, image_model=None, video_model=None) -> io.NodeOutput:
+        node = "VBDDIMInvert"
+        if runtime.is_noisy(latent):
+            raise ValueError(f"{node}: latent: already noisy (timestep {latent['vb_timestep']}); invert a clean "
+                             "latent from VBFramewiseGenerate or VBEncodeFrames")
+        use_image = invert_with == INVERT_WITH[0]
+        if use_image and image_model is None:
+            raise ValueError(f"{node}: image_model: invert_with is '{invert_with}' but no image_model is connected")
+        if not use_image and video_model is None:
+            raise ValueError(f"{node}: video_model: invert_with is '{invert_with}' but no video_model is connected")
+        master = video_model.model.schedule if video_model is not None else image_model.model.schedule
+        spacing = video_model.model.spacing if video_model is not None else "leading"
+        grid = master.timesteps(steps, spacing)
+        scale = latent_scale(video_model, image_model)
+        progress = runtime.Progress(steps)
+        if use_image:
+            m = image_model.model
+            if m.variant != "base":
+                raise ValueError(f"{node}: image_model: inversion needs a base SD1.5 model (4-channel UNet); this is "
+                                 f"an {m.variant} model. Load the base checkpoint for inversion (BIVDiff inverts "
+                                 "with the base SD1.5 UNet, not the task model).")
+            emb = runtime.encode(image_model, [prompt])
+            device = runtime.load(image_model.unet)
+            denoiser = on_schedule(UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None,
+                                                  inflated_groupnorm=inflated_groupnorm), master)
+        else:
+            emb = runtime.encode(video_model, [prompt])
+            device = runtime.load(video_model.unet)
+            denoiser = VideoDenoiser(video_model.model.unet, master)
+        z0 = runtime.from_latent(latent, "latent", scale, device)
+        z = ddim_invert(denoiser, z0, grid, single(Branch(emb)), fixed_point_iters=fixed_point_iterations,
+                        legacy_grid=legacy_grid, callbacks=progress.callbacks)
+        return io.NodeOutput(runtime.to_latent(z, scale, timestep=grid[0], schedule=master, grid=grid))
+
+
+class VBMixLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VBMixLatents", display_name="Mix Latents (Mixed Inversion, VideoBridge)",
+            category="VideoBridge/BIVDiff",
+            description="BIVDiff Mixed Inversion: alpha * image-model inversion + (1 - alpha) * video-model "
+                        "inversion. At alpha 1 (or 0) the other inversion is not needed and is not run.",
+            inputs=[
+                io.Latent.Input("latent_image", optional=True, lazy=True,
+                                tooltip="Noisy latent from VBDDIMInvert with the image model."),
+                io.Latent.Input("latent_video", optional=True, lazy=True,
+                                tooltip="Noisy latent from VBDDIMInvert with the video model."),
+                io.Float.Input("alpha", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Image share alpha. Paper defaults: 1.0 ControlNet and InstructPix2Pix, "
+                                       "0.1 inpainting/outpainting, 0.25 Prompt2Prompt."),
+            ],
+            outputs=[io.Latent.Output(display_name="noisy_latent", tooltip="The mixed noisy latent Z_T.")])
+
+    @classmethod
+    def check_lazy_status(cls, alpha, latent_image=None, latent_video=None):
+        need = []
+        if alpha > 0.0 and latent_image is None:
+            need.append("latent_image")
+        if alpha < 1.0 and latent_video is None:
+            need.append("latent_video")
+        return need
+
+    @classmethod
+    def execute(cls, alpha, latent_image=None, latent_video=None) -> io.NodeOutput:
+        node = "VBMixLatents"
+        alpha = bivdiff.check_alpha(alpha)
+        used = [(n, l) for n, l, w in (("latent_image", latent_image, alpha), ("latent_video", latent_video,
+                                                                                 1 - alpha)) if w > 0]
+        for name, lat in used:
+            if lat is None:
+                raise ValueError(f"{node}: {name}: alpha = {alpha} needs this input; connect it")
+            if not runtime.is_noisy(lat):
+                raise ValueError(f"{node}: {name}: not an inverted latent (no timestep); connect VBDDIMInvert")
+        if len(used) == 2:
+            a, b = latent_image, latent_video
+            for key in runtime.LATENT_KEYS:
+                if a[key] != b[key]:
+                    raise ValueError(f"{node}: the two inversions differ in {key} ({a[key]!s:.60} vs {b[key]!s:.60});"
+                                     " invert both with the same video_model and steps")
+        mixed = bivdiff.mix_latents(latent_image["samples"] if latent_image else None,
+                                    latent_video["samples"] if latent_video else None, alpha)
+        ref = used[0][1]
+        return io.NodeOutput(dict({k: ref[k] for k in runtime.LATENT_KEYS}, samples=mixed))
+
+
+class VBVideoDenoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VBVideoDenoise", display_name="Video Denoise (VideoBridge)", category="VideoBridge/BIVDiff",
+            description="DDIM sampling with the video model. From an inverted latent it is BIVDiff's temporal "
+                        "smoothing (starting exactly where the inversion ended); from a clean latent it is SDEdit "
+                        "with the given strength.",
+            inputs=[
+                types.VideoModel.Input("video_model", tooltip="AnimateDiff or ZeroScope/ModelScope video model."),
+                io.Latent.Input("latent", tooltip="Noisy latent from VBMixLatents/VBDDIMInvert, or a clean latent."),
+                io.String.Input("prompt", multiline=True, default="", tooltip="Video prompt P* (the VDM's prompt)."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Negative prompt (unconditional branch)."),
+                _seed(),
+                _steps(),
+                io.Float.Input("cfg", default=bivdiff.DEFAULT_CFG, min=1.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale (1 for AnimateDiff-Lightning)."),
+                io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="SDEdit strength for a CLEAN latent (share of the grid re-run); ignored for an "
+                                       "inverted latent, which starts where the inversion ended."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="Clean latent video (unscaled; VAEDecode-able).")])
+
+    @classmethod
+    def execute(cls, video_model, latent, prompt, negative_prompt, seed, steps, cfg, strength) -> io.NodeOutput:
+        node = "VBVideoDenoise"
+        vm = video_model.model
+        grid = vm.schedule.timesteps(steps, vm.spacing)
+        noisy = runtime.is_noisy(latent)
+        if noisy:
+            if latent["vb_schedule"] != vm.schedule.describe():
+                raise ValueError(f"{node}: latent: it was inverted on a {latent['vb_schedule']['beta_schedule']} "
+                                 f"schedule but this video model uses {vm.schedule.beta_schedule}; connect this "
+                                 "video_model to VBDDIMInvert")
+            if list(latent["vb_grid"]) != grid:
+                raise ValueError(f"{node}: latent: it sits at timestep {latent['vb_timestep']} of a "
+                                 f"{len(latent['vb_grid'])}-step grid, but steps = {steps} starts at {grid[0]}; use "
+                                 f"steps = {len(latent['vb_grid'])} as in VBDDIMInvert")
+        else:
+            grid = vm.schedule.timesteps(steps, vm.spacing, strength)
+        scale = latent_scale(video_model)
+        progress = runtime.Progress(len(grid))
+        text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
+        device = runtime.load(video_model.unet)
+        z = runtime.from_latent(latent, "latent", scale, device)
+        denoiser = VideoDenoiser(vm.unet, vm.schedule)
+        guidance = cfg_guidance(Branch(text), Branch(null), cfg)
+        if noisy:
+            out = bivdiff.temporal_smoothing(denoiser, z, grid, guidance, callbacks=progress.callbacks)
+        else:
+            noise = bivdiff.initial_noise(z.shape, seed).to(device)
+            out = sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
+        return io.NodeOutput(runtime.to_latent(out, scale))

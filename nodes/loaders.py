@@ -1,0 +1,139 @@
+"""Loader nodes: image model, ControlNet, video model. Files come from ComfyUI's model folders, never the Hub."""
+from __future__ import annotations
+
+from ..core import models as core_models
+from . import paths, runtime, types
+from .api import io
+
+SAMPLING = ["model default (DDIM)", "Lightning (trailing grid)"]
+
+
+def _dtype_input(id_="dtype", role="unet"):
+    what = {"unet": "the UNet and text encoder", "vae": "the VAE"}[role]
+    return io.Combo.Input(id_, options=runtime.DTYPES, default="auto",
+                          tooltip=f"Weight dtype for {what}. auto: fp32 on CPU; fp16/bf16 on GPUs that support it"
+                                  + (" (choose fp32 if decoded frames come out black or NaN)." if role == "vae" else "."))
+
+
+class VBLoadImageModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VBLoadImageModel", display_name="Load Image Model (VideoBridge)", category="VideoBridge/loaders",
+            description="Loads an SD1.5-family image diffusion model (base, inpainting or InstructPix2Pix, detected "
+                        "from the weights) from models/checkpoints (single file) or models/diffusers (folder). "
+                        "SD2.x, SDXL and v-prediction models are refused.",
+            inputs=[
+                io.Combo.Input("model_name", options=paths.files("checkpoints") + paths.diffusers_folders(
+                    "UNet2DConditionModel"), tooltip="SD1.5-family checkpoint in models/checkpoints, or "
+                    "'diffusers/<folder>' in models/diffusers. The variant (base / inpainting 9-channel / "
+                    "InstructPix2Pix 8-channel) is read from the weights."),
+                _dtype_input(),
+                _dtype_input("vae_dtype", "vae"),
+            ],
+            outputs=[types.ImageModel.Output(display_name="image_model",
+                                             tooltip="UNet + VAE + CLIP-L text encoder + SD1.5 noise schedule.")])
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, dtype, vae_dtype):
+        try:
+            return (model_name, paths.mtime(paths.resolve("checkpoints", model_name, "VBLoadImageModel")))
+        except FileNotFoundError:
+            return model_name
+
+    @classmethod
+    def execute(cls, model_name, dtype, vae_dtype) -> io.NodeOutput:
+        path = paths.resolve("checkpoints", model_name, "VBLoadImageModel")
+        try:
+            model = core_models.load_image_model(path, tokenizer_dir=runtime.tokenizer_dir(),
+                                                 dtype=runtime.model_dtype(dtype))
+        except ValueError as e:
+            raise ValueError(f"VBLoadImageModel: {e}") from None
+        if model.vae.dtype != runtime.model_dtype(vae_dtype, "vae"):
+            model.vae.to(runtime.model_dtype(vae_dtype, "vae"))
+        return io.NodeOutput(runtime.ImageHandle(model))
+
+
+class VBLoadControlNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VBLoadControlNet", display_name="Load ControlNet (VideoBridge)", category="VideoBridge/loaders",
+            description="Loads an SD1.5 ControlNet v1.1 (original or diffusers layout) from models/controlnet, for "
+                        "VBFramewiseGenerate.",
+            inputs=[io.Combo.Input("control_net_name", options=paths.files("controlnet"),
+                                   tooltip="ControlNet file in models/controlnet, e.g. control_v11p_sd15_canny."),
+                    _dtype_input()],
+            outputs=[types.ControlNet.Output(display_name="controlnet", tooltip="The ControlNet model.")])
+
+    @classmethod
+    def fingerprint_inputs(cls, control_net_name, dtype):
+        try:
+            return (control_net_name, paths.mtime(paths.resolve("controlnet", control_net_name, "VBLoadControlNet")))
+        except FileNotFoundError:
+            return control_net_name
+
+    @classmethod
+    def execute(cls, control_net_name, dtype) -> io.NodeOutput:
+        path = paths.resolve("controlnet", control_net_name, "VBLoadControlNet")
+        try:
+            model = core_models.load_controlnet(path, dtype=runtime.model_dtype(dtype))
+        except ValueError as e:
+            raise ValueError(f"VBLoadControlNet: {e}") from None
+        return io.NodeOutput(runtime.ControlNetHandle(model, path))
+
+
+class VBLoadVideoModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VBLoadVideoModel", display_name="Load Video Model (VideoBridge)", category="VideoBridge/loaders",
+            description="Loads a text-to-video model: an AnimateDiff motion module (v1/v2/v3/Lightning, from "
+                        "models/animatediff_models, shared with AnimateDiff-Evolved) on top of an SD1.5 image "
+                        "model, or a ZeroScope/ModelScope diffusers folder from models/diffusers.",
+            inputs=[
+                io.Combo.Input("model_name", options=paths.files(paths.MOTION_KEY) + paths.diffusers_folders(
+                    "UNet3DConditionModel"), tooltip="AnimateDiff motion module in models/animatediff_models "
+                    "(needs image_model), or 'diffusers/<folder>' holding a ZeroScope/ModelScope model."),
+                _dtype_input(),
+                io.Combo.Input("sampling", options=SAMPLING, default=SAMPLING[0],
+                               tooltip="Timestep grid of this model's sampler: DDIM 'leading' (981, 961, ...) as the "
+                                       "model was trained, or the 'trailing' grid (999, 874, ...) AnimateDiff-"
+                                       "Lightning needs (use it with cfg 1 and its step count)."),
+                types.ImageModel.Input("image_model", optional=True,
+                                       tooltip="Base SD1.5 model the motion module is added to (AnimateDiff "
+                                               "only); its text encoder and VAE are shared."),
+            ],
+            outputs=[types.VideoModel.Output(display_name="video_model",
+                                             tooltip="Video UNet + its text encoder + its noise schedule.")])
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, dtype, sampling, image_model=None):
+        key = paths.MOTION_KEY if not model_name.startswith(paths.DIFFUSERS_PREFIX) else "diffusers"
+        try:
+            return (model_name, sampling, paths.mtime(paths.resolve(key, model_name, "VBLoadVideoModel")))
+        except FileNotFoundError:
+            return model_name
+
+    @classmethod
+    def execute(cls, model_name, dtype, sampling, image_model=None) -> io.NodeOutput:
+        node = "VBLoadVideoModel"
+        torch_dtype = runtime.model_dtype(dtype)
+        try:
+            if model_name.startswith(paths.DIFFUSERS_PREFIX):
+                model = core_models.load_unet3d_folder(paths.resolve("diffusers", model_name, node), torch_dtype)
+                handle = runtime.VideoHandle(model)
+            else:
+                path = paths.resolve(paths.MOTION_KEY, model_name, node)
+                if image_model is None:
+                    raise ValueError(f"'{model_name}' is an AnimateDiff motion module: connect the SD1.5 "
+                                     "image_model it should be added to")
+                adapter, family = core_models.load_motion_adapter(path, dtype=torch_dtype)
+                model = core_models.build_animatediff(image_model.model, adapter, family, dtype=torch_dtype,
+                                                      source=path)
+                handle = runtime.VideoHandle(model, image=image_model)
+        except ValueError as e:
+            raise ValueError(f"{node}: {e}") from None
+        if sampling == SAMPLING[1]:
+            model.spacing = "trailing"
+        return io.NodeOutput(handle)

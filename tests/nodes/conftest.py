@@ -1,0 +1,33 @@
+"""In-process node tests against the real ComfyUI modules (COMFYUI.md §13 tier 2).
+
+``VIDEOBRIDGE_COMFYUI`` (set by tools/run_tests.py) points at a real ComfyUI tree; without it these tests skip.
+ComfyUI is put on sys.path with ``--cpu`` set before ``comfy.model_management`` is imported; model folders point
+at a temporary directory filled with tiny random-weight stand-ins in the users' real file layouts.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+
+COMFY = os.environ.get("VIDEOBRIDGE_COMFYUI")
+
+
+@pytest.fixture(scope="session")
+def comfy_env(tmp_path_factory):
+    if not COMFY or not os.path.isdir(COMFY):
+        pytest.skip("VIDEOBRIDGE_COMFYUI is not set: run the tests through tools/run_tests.py")
+    if COMFY not in sys.path:
+        sys.path.insert(0, COMFY)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import folder_paths
+    from tools.standins import ensure_standins
+
+    models = tmp_path_factory.mktemp("models")
+    for key in ("checkpoints", "controlnet", "diffusers", "animatediff_models"):
+        os.makedirs(models / key, exist_ok=True)
+        folder_paths.add_model_folder_path(key, str(models / key), is_default=True)
+    ensure_standins(str(models))
+    nodes = importlib.import_module("videobridge.nodes")
+    return {n.__name__: n for n in nodes.NODES}, str(models)
