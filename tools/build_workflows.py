@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Writes the example workflows in ``workflows/`` (UI format, what ComfyUI saves) from the compact specs below.
+
+    python3 tools/build_workflows.py [--thumbnails]
+
+Widget values are laid out from a running ComfyUI's ``/object_info`` (the pack loaded), in the order the frontend
+uses, so a saved file always matches the node schemas. ``--thumbnails`` then runs every workflow through the main
+job (tools/run_workflow.py: real ComfyUI, the default clip, stand-in models where real ones are missing) and saves
+a 2x2 grid of output frames as ``workflows/<name>.jpg``, the thumbnail ComfyUI's template browser shows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TOOLS)
+sys.path.insert(0, ROOT)
+
+BASE, INPAINT, IP2P = "v1-5-pruned-emaonly.safetensors", "sd-v1-5-inpainting.safetensors", \
+    "instruct-pix2pix-00-22000.safetensors"
+CANNY, MOTION, ZEROSCOPE = "control_v11p_sd15_canny.safetensors", "mm_sd_v15_v2.ckpt", "diffusers/zeroscope_v2_576w"
+SIZE, FRAMES = 256, 8
+INPUT_VIDEO = "videobridge_input.mp4"
+
+# A node: (id, type, {widget: value}, {input: (source id, output slot)}, title)
+VIDEO_IN = [
+    (1, "LoadVideo", {"file": INPUT_VIDEO}, {}, "Input video"),
+    (2, "GetVideoComponents", {}, {"video": (1, 0)}, None),
+    (3, "ImageFromBatch", {"batch_index": 0, "length": FRAMES}, {"image": (2, 0)}, f"First {FRAMES} frames"),
+    (4, "ImageScale", {"upscale_method": "bilinear", "width": SIZE, "height": SIZE, "crop": "center"},
+     {"image": (3, 0)}, f"Resize to {SIZE}x{SIZE}"),
+]
+
+
+def video_out(first_id, images, stem, idm_images=None):
+    nodes = [(first_id, "CreateVideo", {"fps": 8.0}, {"images": images, "fps": (2, 2)}, None),
+             (first_id + 1, "SaveVideo", {"filename_prefix": f"videobridge/{stem}", "format": "auto", "codec": "auto"},
+              {"video": (first_id, 0)}, "Smoothed video")]
+    if idm_images is not None:
+        nodes.append((first_id + 2, "SaveAnimatedWEBP", {"filename_prefix": f"videobridge/{stem}_framewise",
+                                                          "fps": 8.0, "lossless": False, "quality": 85,
+                                                          "method": "default"},
+                      {"images": idm_images}, "Frame-wise result (before smoothing)"))
+    return nodes
+
+
+def inversion_and_smoothing(first_id, latent, image_model, video_model, alpha, prompt):
+    i = first_id
+    return [
+        (i, "VBDDIMInvert", {"invert_with": "image model (frame-wise)", "prompt": "", "steps": 50},
+         {"latent": latent, "image_model": image_model, "video_model": video_model}, "Image inversion (SD1.5)"),
+        (i + 1, "VBDDIMInvert", {"invert_with": "video model (whole clip)", "prompt": "", "steps": 50},
+         {"latent": latent, "video_model": video_model}, "Video inversion"),
+        (i + 2, "VBMixLatents", {"alpha": alpha}, {"latent_image": (i, 0), "latent_video": (i + 1, 0)},
+         "Mixed Inversion"),
+        (i + 3, "VBVideoDenoise", {"prompt": prompt, "negative_prompt": "", "seed": 0, "steps": 50, "cfg": 7.5},
+         {"video_model": video_model, "latent": (i + 2, 0)}, "Temporal smoothing"),
+        (i + 4, "VBDecodeFrames", {}, {"image_model": image_model, "latent": (i + 3, 0)}, None),
+    ]
+
+
+FOX = "a red fox running through fresh snow, photograph"
+
+
+def controlnet_zeroscope():
+    stem = "bivdiff_controlnet_zeroscope"
+    return stem, "BIVDiff controllable video generation: ControlNet (Canny) frame-wise, ZeroScope temporal smoothing", [
+        *VIDEO_IN,
+        (5, "Canny", {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (4, 0)}, "Canny hints"),
+        (6, "VBLoadImageModel", {"model_name": BASE}, {}, None),
+        (7, "VBLoadControlNet", {"control_net_name": CANNY}, {}, None),
+        (8, "VBLoadVideoModel", {"model_name": ZEROSCOPE}, {}, None),
+        (9, "VBFramewiseGenerate", {"prompt": FOX, "negative_prompt": "", "seed": 0, "steps": 50, "cfg": 7.5},
+         {"image_model": (6, 0), "controlnet": (7, 0), "hints": (5, 0)}, "Frame-wise ControlNet"),
+        *inversion_and_smoothing(10, (9, 1), (6, 0), (8, 0), 1.0, FOX),
+        *video_out(15, (14, 0), stem, (9, 0)),
+    ]
+
+
+def ip2p_animatediff():
+    stem = "bivdiff_ip2p_animatediff"
+    return stem, "BIVDiff video editing: InstructPix2Pix frame-wise edit, AnimateDiff temporal smoothing", [
+        *VIDEO_IN,
+        (5, "VBLoadImageModel", {"model_name": IP2P}, {}, "InstructPix2Pix"),
+        (6, "VBLoadImageModel", {"model_name": BASE}, {}, "SD1.5 (inversion, AnimateDiff base, VAE)"),
+        (7, "VBLoadVideoModel", {"model_name": MOTION}, {"image_model": (6, 0)}, None),
+        (8, "VBFramewiseGenerate", {"prompt": "make it a watercolor painting", "negative_prompt": "", "seed": 0,
+                                    "steps": 50, "cfg": 7.5, "image_guidance": 1.5},
+         {"image_model": (5, 0), "images": (4, 0)}, "Frame-wise InstructPix2Pix"),
+        *inversion_and_smoothing(9, (8, 1), (6, 0), (7, 0), 1.0, "a watercolor painting of a fox running"),
+        *video_out(14, (13, 0), stem, (8, 0)),
+    ]
+
+
+def inpaint_zeroscope(outpaint=False):
+    stem = "bivdiff_outpaint_zeroscope" if outpaint else "bivdiff_inpaint_zeroscope"
+    if outpaint:
+        band = SIZE // 4
+        masks = [(5, "SolidMask", {"value": 0.0, "width": SIZE, "height": SIZE}, {}, "Keep"),
+                 (6, "SolidMask", {"value": 1.0, "width": SIZE, "height": band}, {}, "Border band"),
+                 (7, "MaskComposite", {"x": 0, "y": 0, "operation": "add"}, {"destination": (5, 0), "source": (6, 0)},
+                  "Top band"),
+                 (8, "MaskComposite", {"x": 0, "y": SIZE - band, "operation": "add"},
+                  {"destination": (7, 0), "source": (6, 0)}, "Outpainting mask (top and bottom H/4)")]
+        title = "BIVDiff video outpainting: SD inpainting frame-wise on the top and bottom quarter, ZeroScope smoothing"
+        prompt = "a snowy forest"
+    else:
+        masks = [(5, "SolidMask", {"value": 0.0, "width": SIZE, "height": SIZE}, {}, "Keep"),
+                 (6, "SolidMask", {"value": 1.0, "width": SIZE // 2, "height": SIZE // 2}, {}, "Hole"),
+                 (7, "MaskComposite", {"x": SIZE // 4, "y": SIZE // 4, "operation": "add"},
+                  {"destination": (5, 0), "source": (6, 0)}, "Inpainting mask (centre)"),
+                 (8, "MaskComposite", {"x": 0, "y": 0, "operation": "add"},
+                  {"destination": (7, 0), "source": (5, 0)}, None)]
+        title = "BIVDiff video inpainting: SD inpainting frame-wise in a masked region, ZeroScope smoothing"
+        prompt = ""
+    return stem, title, [
+        *VIDEO_IN, *masks,
+        (9, "VBLoadImageModel", {"model_name": INPAINT}, {}, "SD inpainting"),
+        (10, "VBLoadImageModel", {"model_name": BASE}, {}, "SD1.5 (inversion, VAE)"),
+        (11, "VBLoadVideoModel", {"model_name": ZEROSCOPE}, {}, None),
+        (12, "VBFramewiseGenerate", {"prompt": prompt, "negative_prompt": "", "seed": 0, "steps": 50, "cfg": 7.5},
+         {"image_model": (9, 0), "images": (4, 0), "mask": (8, 0)}, "Frame-wise inpainting"),
+        *inversion_and_smoothing(13, (12, 1), (10, 0), (11, 0), 0.1, prompt),
+        *video_out(18, (17, 0), stem, (12, 0)),
+    ]
+
+
+SPECS = [controlnet_zeroscope, ip2p_animatediff, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True)]
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _is_widget(spec) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def _default(spec):
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(kind, list):
+        return kind[0] if kind else ""
+    if kind == "COMBO":
+        return (opts.get("options") or [""])[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
+
+
+def build(spec, object_info) -> dict:
+    """UI-format workflow (LiteGraph 0.4) from a spec list; positions in columns by graph depth."""
+    stem, title, nodes = spec
+    by_id = {n[0]: n for n in nodes}
+    depth = {}
+
+    def d(i):
+        if i not in depth:
+            depth[i] = 1 + max([d(src) for src, _ in by_id[i][3].values()], default=-1)
+        return depth[i]
+
+    links, ui_nodes, column_y = [], [], {}
+    outputs_links = {}
+    for nid, ntype, widgets, inputs, _ in nodes:
+        for name, (src, slot) in inputs.items():
+            links.append([len(links) + 1, src, slot, nid, name, None])
+    for order, (nid, ntype, widgets, inputs, ntitle) in enumerate(sorted(nodes, key=lambda n: (d(n[0]), n[0]))):
+        info = object_info[ntype]
+        spec_in = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        order_in = info.get("input_order", {})
+        names = list(order_in.get("required", [])) + list(order_in.get("optional", []))
+        unknown = set(widgets) | set(inputs)
+        unknown -= set(names)
+        if unknown:
+            raise KeyError(f"{stem}: {ntype} has no inputs {sorted(unknown)}")
+        ui_inputs, values = [], []
+        for name in names:
+            s = spec_in[name]
+            if _is_widget(s):
+                values.append(widgets.get(name, _default(s)))
+                if len(s) > 1 and s[1].get("control_after_generate"):
+                    values.append("fixed")
+            link = next((l for l in links if l[3] == nid and l[4] == name), None)
+            if not _is_widget(s) or link is not None:
+                entry = {"name": name, "type": s[0] if not isinstance(s[0], list) else "COMBO",
+                         "link": link[0] if link else None}
+                if _is_widget(s):
+                    entry["widget"] = {"name": name}
+                ui_inputs.append(entry)
+                if link:
+                    link[4] = len(ui_inputs) - 1
+                    link[5] = entry["type"]
+        outs = [{"name": oname, "type": otype, "links": [], "slot_index": k}
+                for k, (otype, oname) in enumerate(zip(info["output"], info.get("output_name", info["output"])))]
+        col = d(nid)
+        y = column_y.get(col, 60)
+        height = 80 + 26 * (len(values) + len(ui_inputs))
+        column_y[col] = y + height + 40
+        node = {"id": nid, "type": ntype, "pos": [60 + 380 * col, y], "size": [340, height], "flags": {},
+                "order": order, "mode": 0, "inputs": ui_inputs, "outputs": outs,
+                "properties": {"Node name for S&R": ntype}, "widgets_values": values}
+        if ntitle:
+            node["title"] = ntitle
+        ui_nodes.append(node)
+        outputs_links[nid] = outs
+    for link in links:
+        outputs_links[link[1]][link[2]]["links"].append(link[0])
+    ui_nodes.sort(key=lambda n: n["id"])
+    return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"title": title}},
+            "version": 0.4}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--thumbnails", action="store_true", help="run every workflow and save its output thumbnail")
+    args = ap.parse_args(argv)
+    from tools.comfy_env import ensure_env
+
+    env = ensure_env()
+    if os.path.abspath(sys.executable) != os.path.abspath(env.python) or not os.environ.get("VIDEOBRIDGE_COMFYUI"):
+        return subprocess.call([env.python, __file__, *(argv or sys.argv[1:])],
+                               env=dict(os.environ, VIDEOBRIDGE_COMFYUI=env.comfy_dir))
+    from tools.comfy_server import ComfyServer
+
+    with ComfyServer(os.environ.get("VIDEOBRIDGE_COMFYUI")) as server:
+        info = server.object_info()
+        for make in SPECS:
+            spec = make()
+            wf = build(spec, info)
+            path = os.path.join(ROOT, "workflows", spec[0] + ".json")
+            with open(path, "w") as f:
+                json.dump(wf, f, indent=1)
+            server.convert(wf)                                            # must convert
+            print("wrote", os.path.relpath(path, ROOT))
+    if args.thumbnails:
+        for make in SPECS:
+            stem = make()[0]
+            rc = subprocess.call([sys.executable, os.path.join(TOOLS, "run_workflow.py"), stem,
+                                  "--thumbnail", os.path.join(ROOT, "workflows", stem + ".jpg")])
+            if rc:
+                return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
