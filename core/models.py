@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import zipfile
@@ -23,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .schedule import ANIMATEDIFF_SCHEDULER_CONFIG, SD15_SCHEDULER_CONFIG, NoiseSchedule
+
+# diffusers 0.42 warns on every dtype cast "There are modules in X that should be kept in float32: []" even when that
+# list is empty; with nothing in it the warning says nothing, so it is dropped (non-empty lists still show).
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32: []" not in record.getMessage())
 
 if TYPE_CHECKING:  # the heavy imports happen inside the loaders
     from diffusers import AutoencoderKL, ControlNetModel, MotionAdapter, UNet2DConditionModel, UNet3DConditionModel

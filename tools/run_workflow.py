@@ -56,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--width", type=int, default=448,
                     help="width of the default clip, rounded to a multiple of 64; height follows (default 448)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run (default 3600)")
+    ap.add_argument("--thumbnail", metavar="JPG",
+                    help="also save a 2x2 grid of frames of the output video as this JPEG (workflow thumbnails)")
     ap.add_argument("--keep", action="store_true", help="keep ComfyUI's temporary base directory and log")
     ap.add_argument("--no-import-check", action="store_true",
                     help="start even if the pack fails to import (debugging; its nodes are then missing)")
@@ -397,11 +399,32 @@ def run_in_env(args) -> int:
     say("Output file(s):")
     for p in videos or outputs:
         say(f"  {p}")
+    if args.thumbnail:
+        mp4 = [p for p in outputs if p.lower().endswith(".mp4")]
+        if not mp4:
+            say("error: --thumbnail needs an mp4 output (SaveVideo)")
+            return 1
+        write_thumbnail(mp4[0], args.thumbnail)
+        say(f"Thumbnail: {args.thumbnail}")
     if standins:
         say("NOTE: stand-in random-weight models were created for: " + ", ".join(standins)
             + "; the output is a smoke run of the graph, not a real result. For a real result put the real "
             f"files at those paths under {models_dir} (see the README).")
     return 0
+
+
+def write_thumbnail(video: str, dest: str, size: int = 256) -> None:
+    """A 2x2 grid of four evenly spaced frames of ``video`` as a JPEG (ComfyUI shows ``<workflow>.jpg`` as the
+    template's thumbnail)."""
+    from PIL import Image
+    from tools.comfy_server import read_video
+
+    frames = read_video(video)
+    picks = [frames[round(i * (len(frames) - 1) / 3)] for i in range(4)]
+    grid = Image.new("RGB", (2 * size, 2 * size))
+    for i, f in enumerate(picks):
+        grid.paste(Image.fromarray(f).resize((size, size)), ((i % 2) * size, (i // 2) * size))
+    grid.save(dest, quality=85)
 
 
 def main(argv=None) -> int:

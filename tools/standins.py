@@ -31,6 +31,8 @@ CLIP_VOCAB = 49408
 CLIP_HIDDEN = 32  # SD1 stand-in text width = UNet cross-attention width (768 at full size)
 ZEROSCOPE_HIDDEN = 96  # ZeroScope's OpenCLIP-H is wider than SD1.5's CLIP-L (1024 vs 768)
 HINT_CHANNELS = (16, 16, 32, 32)  # ControlNet hint encoder (16, 32, 96, 256 at full size)
+SD15_ATTENTION = (0, 1, 2)  # levels with cross-attention blocks in SD1.5
+STANDIN_ATTENTION = (1, 2)  # the smoke-run stand-ins skip the full-resolution level: 6x faster, same file layout
 
 STANDIN_FILES = {
     "sd15": "checkpoints/v1-5-pruned-emaonly.safetensors",
@@ -173,11 +175,18 @@ def write_tokenizer_folder(folder: str, vocab: Optional[dict] = None, merges: Op
 
 
 # ====================================================================================================== builders
-def tiny_unet_config(in_channels: int = 4, cross_attention_dim: int = CLIP_HIDDEN) -> dict:
-    """UNet2DConditionModel kwargs of the SD1.5 block layout at channels (32, 32, 64, 64)."""
+def _down_types(attention_levels, n=4) -> tuple:
+    return tuple("CrossAttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in range(n))
+
+
+def tiny_unet_config(in_channels: int = 4, cross_attention_dim: int = CLIP_HIDDEN,
+                     attention_levels: tuple = SD15_ATTENTION) -> dict:
+    """UNet2DConditionModel kwargs of the SD1.5 block layout at channels (32, 32, 64, 64); ``attention_levels``
+    are the resolution levels with cross-attention blocks (SD1.5: 0, 1, 2)."""
+    down = _down_types(attention_levels)
     return dict(sample_size=64, in_channels=in_channels, out_channels=4, layers_per_block=TINY_LAYERS,
-                block_out_channels=TINY_CHANNELS, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                block_out_channels=TINY_CHANNELS, down_block_types=down,
+                up_block_types=tuple(t.replace("Down", "Up") for t in reversed(down)),
                 cross_attention_dim=cross_attention_dim, attention_head_dim=TINY_HEADS, norm_num_groups=TINY_GROUPS)
 
 
@@ -196,14 +205,14 @@ def tiny_clip_config(vocab_size: int = CLIP_VOCAB, hidden: int = CLIP_HIDDEN, bo
 
 
 def build_sd15_modules(variant: str = "base", seed: int = 0, clip_vocab: int = CLIP_VOCAB,
-                       clip_hidden: int = CLIP_HIDDEN) -> dict:
+                       clip_hidden: int = CLIP_HIDDEN, attention_levels: tuple = SD15_ATTENTION) -> dict:
     """Seeded tiny SD1.5-family modules: {"unet", "vae", "text_encoder"} (float32)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if variant not in _VARIANT_IN:
         raise ValueError(f"variant must be one of {sorted(_VARIANT_IN)}, got {variant!r}")
-    unet = randomize_(UNet2DConditionModel(**tiny_unet_config(_VARIANT_IN[variant], clip_hidden)), seed)
+    unet = randomize_(UNet2DConditionModel(**tiny_unet_config(_VARIANT_IN[variant], clip_hidden, attention_levels)), seed)
     vae = randomize_(AutoencoderKL(**tiny_vae_config()), seed + 1000)
     te = randomize_(CLIPTextModel(CLIPTextConfig(**tiny_clip_config(clip_vocab, clip_hidden))), seed + 2000)
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": te.eval()}
@@ -321,7 +330,7 @@ def sd15_to_ldm(unet, vae, text_encoder, old_clip_keys: bool = False) -> dict:
 # ====================================================================================================== writers
 def write_sd15_checkpoint(path: str, variant: str = "base", dtype: torch.dtype = torch.float16, seed: int = 0,
                           clip_vocab: int = CLIP_VOCAB, ema: bool = False, old_clip_keys: bool = False,
-                          clip_hidden: int = CLIP_HIDDEN) -> dict:
+                          clip_hidden: int = CLIP_HIDDEN, attention_levels: tuple = SD15_ATTENTION) -> dict:
     """Write a tiny SD1.5-family single file in the LDM layout of ComfyUI's ``models/checkpoints``.
 
     ``variant``: "base" | "inpainting" | "instruct_pix2pix" (UNet input 4 / 9 / 8). ``ema``: add ``model_ema.*``
@@ -329,7 +338,7 @@ def write_sd15_checkpoint(path: str, variant: str = "base", dtype: torch.dtype =
     ``old_clip_keys``: CLIP keys without ``text_model.`` (old merges). ``.safetensors`` or, for ``.ckpt``/``.pt``,
     ``torch.save({"state_dict": ...})``. Returns the written modules {"unet", "vae", "text_encoder"} in ``dtype``.
     """
-    mods = build_sd15_modules(variant, seed, clip_vocab, clip_hidden)
+    mods = build_sd15_modules(variant, seed, clip_vocab, clip_hidden, attention_levels)
     mods = {k: m.to(dtype) for k, m in mods.items()}
     sd = sd15_to_ldm(mods["unet"], mods["vae"], mods["text_encoder"], old_clip_keys)
     if ema:
@@ -411,13 +420,13 @@ def write_motion_module(path: str, version: str = "v2", seed: int = 0, layout: s
     return ad
 
 
-def build_controlnet(seed: int = 0, cross_attention_dim: int = CLIP_HIDDEN):
+def build_controlnet(seed: int = 0, cross_attention_dim: int = CLIP_HIDDEN, attention_levels: tuple = SD15_ATTENTION):
     """Seeded tiny ControlNetModel matching the tiny checkpoint (randomised: residuals are non-zero)."""
     from diffusers import ControlNetModel
 
     cn = ControlNetModel(in_channels=4, conditioning_channels=3, layers_per_block=TINY_LAYERS,
                          block_out_channels=TINY_CHANNELS,
-                         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                         down_block_types=_down_types(attention_levels),
                          cross_attention_dim=cross_attention_dim, attention_head_dim=TINY_HEADS,
                          norm_num_groups=TINY_GROUPS, conditioning_embedding_out_channels=HINT_CHANNELS)
     return randomize_(cn, seed).eval()
@@ -444,14 +453,15 @@ def controlnet_to_ldm(cn) -> dict:
     return out
 
 
-def write_controlnet(path: str, seed: int = 0, layout: str = "ldm", dtype: torch.dtype = torch.float16):
+def write_controlnet(path: str, seed: int = 0, layout: str = "ldm", dtype: torch.dtype = torch.float16,
+                     attention_levels: tuple = SD15_ATTENTION):
     """Write a tiny SD1.5 ControlNet matching the tiny checkpoint.
 
     ``layout``: "ldm" (ControlNet v1.1 keys prefixed ``control_model.``, as ComfyUI's fp16 safetensors),
     "ldm_bare" (the same without prefix) or "diffusers" (``ControlNetModel.state_dict()`` keys).
     Returns the written ``ControlNetModel``.
     """
-    cn = build_controlnet(seed).to(dtype)
+    cn = build_controlnet(seed, attention_levels=attention_levels).to(dtype)
     if layout == "diffusers":
         sd = cn.state_dict()
     elif layout in ("ldm", "ldm_bare"):
@@ -559,13 +569,13 @@ def write_sd15_diffusers_folder(folder: str, variant: str = "base", seed: int = 
 def _write_role(role: str, path: str) -> None:
     seed = _SEEDS.get(role, 0)
     if role == "sd15":
-        write_sd15_checkpoint(path, "base", seed=seed)
+        write_sd15_checkpoint(path, "base", seed=seed, attention_levels=STANDIN_ATTENTION)
     elif role == "sd15_inpainting":
-        write_sd15_checkpoint(path, "inpainting", seed=seed)
+        write_sd15_checkpoint(path, "inpainting", seed=seed, attention_levels=STANDIN_ATTENTION)
     elif role == "sd15_ip2p":
-        write_sd15_checkpoint(path, "instruct_pix2pix", seed=seed)
+        write_sd15_checkpoint(path, "instruct_pix2pix", seed=seed, attention_levels=STANDIN_ATTENTION)
     elif role == "controlnet_canny":
-        write_controlnet(path, seed=seed, layout="ldm")
+        write_controlnet(path, seed=seed, layout="ldm", attention_levels=STANDIN_ATTENTION)
     elif role == "animatediff_v2":
         write_motion_module(path, "v2", seed=seed, layout="original")
     elif role == "zeroscope":

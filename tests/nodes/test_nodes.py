@@ -172,7 +172,7 @@ def test_bad_inputs_give_clear_errors(N, base, zeroscope):
         (dict(model=inp, images=video(), mask=torch.zeros(3, SIZE, SIZE)), "mask.*3 frames"),
         (dict(controlnet=cn, hints=video(size=60)), "multiples of 8"),
         (dict(width=60), "multiples of 8"),
-        (dict(model=inp, images=video(frames=0)), "empty|mask"),
+        (dict(model=inp, images=video(frames=0), mask=torch.zeros(SIZE, SIZE)), "images.*empty"),
         (dict(controlnet=cn), "hints"),
         (dict(images=video()), "base model"),
     ]
