@@ -171,14 +171,3 @@ def temporal_smoothing(video_denoiser, z_t: torch.Tensor, timesteps: Sequence[in
         raise ValueError("temporal smoothing needs a video denoiser")
     return ddim_sample(video_denoiser, z_t, timesteps, guidance, callbacks=callbacks)
 
-
-def stage_calls(frames: int, steps: int, task: str, cfg_scale: float, alpha: float,
-                fixed_point_iters: int = 0) -> dict:
-    """UNet evaluations per stage, counted per frame for the image model (METHODS.md §2.5 "Cost").
-
-    Batched calls are what our code issues: one per step (all frames and branches in a batch).
-    """
-    branches = 3 if task == "instruct_pix2pix" else (2 if cfg_scale != 1.0 else 1)
-    inv = steps * (1 + fixed_point_iters)
-    return {"idm_frame_evals": frames * steps * branches, "image_inversion_frame_evals": frames * inv * (alpha > 0),
-            "video_inversion_evals": inv * (alpha < 1), "smoothing_evals": steps * (2 if cfg_scale != 1.0 else 1)}

@@ -126,7 +126,7 @@ class VBFramewiseGenerate(io.ComfyNode):
         denoiser = UNet2DDenoiser(m.unet, m.schedule, controlnet=controlnet.model if controlnet else None,
                                   control_scale=control_strength, frame_batch_size=frame_batch_size or None)
         noise = bivdiff.initial_noise((1, 4, n, H // 8, W // 8), seed).to(device)
-        z = bivdiff.framewise_generate(denoiser, noise, m.schedule.timesteps(steps), _to(guidance, device),
+        z = bivdiff.framewise_generate(denoiser, noise, m.schedule.timesteps(steps), guidance,
                                        callbacks=cb)
         runtime.load(image_model.vae)
         pixels = decode_video(vae, z, callbacks=cb)
@@ -151,14 +151,6 @@ def _check_task_inputs(variant, task, controlnet, hints, images, mask):
     if task in ("text", "controlnet") and (images is not None or mask is not None):
         raise ValueError(f"VBFramewiseGenerate: images/mask are only used by inpainting and InstructPix2Pix "
                          f"models; this image_model is a {variant} model")
-
-
-def _to(guidance, device):
-    for br in guidance.branches:
-        br.text = br.text.to(device)
-        br.concat = br.concat.to(device) if br.concat is not None else None
-        br.control = br.control.to(device) if br.control is not None else None
-    return guidance
 
 
 class VBDDIMInvert(io.ComfyNode):
