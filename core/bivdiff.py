@@ -112,6 +112,7 @@ def framewise_generate(image_denoiser, noise: torch.Tensor, timesteps: Sequence[
 
 # ------------------------------------------------------------------ step 2: mixed inversion
 def check_alpha(alpha: float) -> float:
+    """Return alpha as a float; ValueError (naming alpha, the value and [0, 1]) when it is outside [0, 1]."""
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha (the image model's share of the mixed inversion) must be in [0, 1], got {alpha}")
     return float(alpha)

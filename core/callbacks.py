@@ -25,10 +25,12 @@ class Callbacks:
     interrupt: Optional[Callable[[], None]] = None
 
     def check(self) -> None:
+        """Call before every model evaluation: raises (via ``interrupt``) when the user cancelled."""
         if self.interrupt is not None:
             self.interrupt()
 
     def step(self, x0: Optional[torch.Tensor] = None) -> None:
+        """Call after every finished step with the predicted clean latent ``[1, 4, F, h, w]`` (or None)."""
         if self.progress is not None:
             self.progress(x0)
 

@@ -222,6 +222,7 @@ class MappedDenoiser:
 
     @property
     def calls(self):
+        """UNet forward calls of the wrapped denoiser."""
         return self.inner.calls
 
 

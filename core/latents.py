@@ -36,6 +36,7 @@ def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor, c
 
 
 def vae_scale(vae) -> float:
+    """The VAE's latent scaling factor (``config.scaling_factor``; 0.18215 for the SD VAE)."""
     return float(getattr(vae.config, "scaling_factor", 0.18215))
 
 

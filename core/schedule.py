@@ -83,6 +83,7 @@ class NoiseSchedule:
 
     @property
     def num_train_timesteps(self) -> int:
+        """Length of the alpha-bar table (1000): timesteps run 0..num_train_timesteps-1."""
         return int(self.alphas_cumprod.shape[0])
 
     def same_as(self, other: "NoiseSchedule") -> bool:
