@@ -243,3 +243,32 @@ def test_cancel_mid_sampling_stops_and_leaves_no_patch(N, base, zeroscope):
         mm.interrupt_current_processing(False)
     assert calls["n"] == 2                                               # stopped within one step
     assert all(not m._forward_hooks for m in unet.modules())             # frame-pooled GroupNorm hooks removed
+
+
+def test_latents_interoperate_with_core_vae_nodes(N, base):
+    """Our LATENT is unscaled like core VAEEncode's: core VAEDecode reads it, on an identical full-size SD VAE."""
+    import dataclasses
+
+    import comfy.sd
+    import nodes as comfy_nodes
+    from diffusers import AutoencoderKL
+
+    from tools.standins import vae_to_ldm
+    from videobridge.nodes.runtime import ImageHandle
+
+    torch.manual_seed(0)
+    dvae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         norm_num_groups=32, scaling_factor=0.18215).eval()
+    with torch.inference_mode():
+        core_vae = comfy.sd.VAE(sd=vae_to_ldm(dvae.state_dict(), 4))
+        handle = ImageHandle(dataclasses.replace(base.model, vae=dvae))
+        frames = video(frames=2)
+        ours = run(N["VBEncodeFrames"], image_model=handle, images=frames, frames_per_chunk=8)[0]
+        theirs = comfy_nodes.VAEEncode().encode(core_vae, frames)[0]
+        assert ours["samples"].shape == theirs["samples"].shape
+        assert torch.allclose(ours["samples"], theirs["samples"].float(), atol=1e-3, rtol=1e-3)
+        decoded_core = comfy_nodes.VAEDecode().decode(core_vae, ours)[0]
+        decoded_ours = run(N["VBDecodeFrames"], image_model=handle, latent=ours, frames_per_chunk=8)[0]
+    assert decoded_core.shape == decoded_ours.shape == frames.shape
+    assert torch.allclose(decoded_core.float(), decoded_ours, atol=2e-3)
