@@ -272,3 +272,34 @@ def test_latents_interoperate_with_core_vae_nodes(N, base):
         decoded_ours = run(N["VBDecodeFrames"], image_model=handle, latent=ours, frames_per_chunk=8)[0]
     assert decoded_core.shape == decoded_ours.shape == frames.shape
     assert torch.allclose(decoded_core.float(), decoded_ours, atol=2e-3)
+
+
+def test_progress_reports_every_step_with_latent_previews(N, base, zeroscope):
+    """Every sampling step goes through ComfyUI's progress hook, with a preview image when previews are enabled."""
+    import comfy.cli_args
+    import comfy.utils
+
+    lat = run(N["VBEncodeFrames"], image_model=base, images=video(), frames_per_chunk=8)[0]
+    seen = []
+    old_hook, old_method = comfy.utils.PROGRESS_BAR_HOOK, comfy.cli_args.args.preview_method
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total,
+                                                                                                    preview)))
+    comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
+    try:
+        smooth(N, zeroscope, lat, steps=5, strength=1.0)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old_hook)
+        comfy.cli_args.args.preview_method = old_method
+    assert [v for v, _, _ in seen] == [1, 2, 3, 4, 5] and all(t == 5 for _, t, _ in seen)
+    fmt, image, _ = seen[-1][2]
+    assert fmt == "JPEG" and image.size == (8, 8)                          # one frame, latent-sized RGB preview
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_reduced_precision_weights_keep_float32_latents(N, dtype):
+    model = run(N["VBLoadImageModel"], model_name=BASE, dtype=dtype, vae_dtype="fp32")[0]
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert model.model.unet.dtype == want and model.model.vae.dtype == torch.float32
+    imgs, lat = generate(N, model, frames=2, width=32, height=32)
+    assert lat["samples"].dtype == torch.float32 and torch.isfinite(lat["samples"]).all()
+    assert imgs.shape == (2, 32, 32, 3)
