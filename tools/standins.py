@@ -21,7 +21,13 @@ import os
 import sys
 from typing import Optional
 
+import logging
+
 import torch
+
+# diffusers 0.42 warns "There are modules in X that should be kept in float32: []" on every cast; empty, it says nothing
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32: []" not in record.getMessage())
 
 TINY_CHANNELS = (32, 32, 64, 64)
 TINY_LAYERS = 2
