@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .callbacks import NO_CALLBACKS, Callbacks
-from .denoisers import Branch, Guidance, cfg, ip2p, single
+from .denoisers import Branch, Guidance, cfg, ip2p
 from .latents import broadcast_frames, encode_video, vae_scale
 from .samplers import ddim_invert, ddim_sample
 

@@ -383,10 +383,26 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def _folder_modules(folder: str, unet_cls, dtype: torch.dtype) -> tuple:
+    """(unet, vae, text_encoder, tokenizer) of a diffusers folder, offline, frozen; ValueError naming the folder
+    when the text encoder's width does not match the UNet's cross-attention width."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    unet = unet_cls.from_pretrained(folder, subfolder="unet", **kw)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
+    if te.config.hidden_size != unet.config.cross_attention_dim:
+        raise ValueError(f"'{os.path.basename(os.path.normpath(folder))}': text encoder width "
+                         f"{te.config.hidden_size} does not match the UNet cross-attention width "
+                         f"{unet.config.cross_attention_dim}")
+    return _frozen(unet), _frozen(vae), _frozen(te), load_tokenizer(folder, subfolder="tokenizer")
+
+
 def _load_image_folder(folder: str, dtype: torch.dtype) -> ImageModel:
     """SD1.5-family diffusers folder: unet/vae/text_encoder/tokenizer subfolders + scheduler config."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     name = os.path.basename(os.path.normpath(folder))
     index_path = os.path.join(folder, "model_index.json")
@@ -413,16 +429,9 @@ def _load_image_folder(folder: str, dtype: torch.dtype) -> ImageModel:
     if pred != "epsilon":
         raise ValueError(f"'{name}' is a {pred} model (scheduler prediction_type={pred!r}); only epsilon-prediction "
                          f"models are supported ({_SUPPORTED_IMAGE})")
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-    if te.config.hidden_size != unet.config.cross_attention_dim:
-        raise ValueError(f"'{name}': text encoder width {te.config.hidden_size} does not match the UNet "
-                         f"cross-attention width {unet.config.cross_attention_dim}")
-    tok = load_tokenizer(folder, subfolder="tokenizer")
-    return ImageModel(_frozen(unet), _frozen(vae), _frozen(te), tok, NoiseSchedule.from_config(scfg),
-                      _variant(unet.config.in_channels, name), folder)
+    unet, vae, te, tok = _folder_modules(folder, UNet2DConditionModel, dtype)
+    return ImageModel(unet, vae, te, tok, NoiseSchedule.from_config(scfg), _variant(unet.config.in_channels, name),
+                      folder)
 
 
 def load_image_model(path: str, tokenizer_dir: Optional[str] = None,
@@ -593,8 +602,7 @@ def load_unet3d_folder(folder: str, dtype: torch.dtype = torch.float32) -> Video
     Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` naming the folder when model_index.json is
     missing or names no ``UNet3DConditionModel``, or for a non-epsilon scheduler.
     """
-    from diffusers import AutoencoderKL, UNet3DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import UNet3DConditionModel
 
     folder = os.fspath(folder)
     name = os.path.basename(os.path.normpath(folder))
@@ -613,15 +621,8 @@ def load_unet3d_folder(folder: str, dtype: torch.dtype = torch.float32) -> Video
         schedule = NoiseSchedule.from_config(scfg)
     except ValueError as e:
         raise ValueError(f"'{name}': {e}") from None
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    unet = UNet3DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-    if te.config.hidden_size != unet.config.cross_attention_dim:
-        raise ValueError(f"'{name}': text encoder width {te.config.hidden_size} does not match the UNet "
-                         f"cross-attention width {unet.config.cross_attention_dim}")
-    tok = load_tokenizer(folder, subfolder="tokenizer")
-    return VideoModel(_frozen(unet), _frozen(te), tok, schedule, "zeroscope", _frozen(vae), folder)
+    unet, vae, te, tok = _folder_modules(folder, UNet3DConditionModel, dtype)
+    return VideoModel(unet, te, tok, schedule, "zeroscope", vae, folder)
 
 
 # ====================================================================================================== ControlNet

@@ -12,7 +12,7 @@ Sources: DDIM (Song et al. 2021) Eq. 12; METHODS.md §0, §1.2-1.4; diffusers ``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 

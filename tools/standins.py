@@ -21,13 +21,10 @@ import os
 import sys
 from typing import Optional
 
-import logging
-
 import torch
 
-# diffusers 0.42 warns "There are modules in X that should be kept in float32: []" on every cast; empty, it says nothing
-logging.getLogger("diffusers.models.modeling_utils").addFilter(
-    lambda record: "should be kept in float32: []" not in record.getMessage())
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
+from core.models import bytes_to_unicode  # noqa: E402  (also run as a script: python tools/standins.py DIR)
 
 TINY_CHANNELS = (32, 32, 64, 64)
 TINY_LAYERS = 2
@@ -102,18 +99,6 @@ def _fix_modes(folder: str) -> None:
 
 def _cast(sd: dict, dtype: torch.dtype) -> dict:
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-
-
-def bytes_to_unicode() -> dict:
-    """GPT-2 / CLIP byte -> printable-character map (MODELS.md §3.4)."""
-    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def tiny_tokenizer_vocab() -> tuple[dict, list]:

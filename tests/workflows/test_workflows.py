@@ -3,7 +3,6 @@ the tiny stand-in models in its model folders; plus Cancel and bad input through
 import glob
 import json
 import os
-import threading
 import time
 
 import numpy as np
