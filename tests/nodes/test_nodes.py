@@ -303,3 +303,13 @@ def test_reduced_precision_weights_keep_float32_latents(N, dtype):
     imgs, lat = generate(N, model, frames=2, width=32, height=32)
     assert lat["samples"].dtype == torch.float32 and torch.isfinite(lat["samples"]).all()
     assert imgs.shape == (2, 32, 32, 3)
+
+
+def test_lightning_sampling_uses_the_trailing_grid_end_to_end(N, base):
+    vm = run(N["VBLoadVideoModel"], model_name=MOTION, dtype="auto", sampling="Lightning (trailing grid)",
+             image_model=base)[0]
+    lat = run(N["VBEncodeFrames"], image_model=base, images=video(), frames_per_chunk=8)[0]
+    z = invert(N, lat, "image model (frame-wise)", image_model=base, video_model=vm, steps=4)
+    assert z["vb_grid"] == [999, 749, 499, 249] and z["vb_schedule"]["beta_schedule"] == "linear"
+    out = smooth(N, vm, z, steps=4, cfg=1.0)
+    assert torch.isfinite(out["samples"]).all()
