@@ -361,8 +361,8 @@ def load_tokenizer(tokenizer_dir: Optional[str] = None, subfolder: Optional[str]
     folder = os.path.join(tokenizer_dir, subfolder) if subfolder else tokenizer_dir
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer folder not found: {folder!r}")
-    return CLIPTokenizer.from_pretrained(tokenizer_dir, subfolder=subfolder or "",
-                                         model_max_length=TOKENIZER_MAX_LENGTH, local_files_only=True)
+    return CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, subfolder=subfolder or "",
+                                         model_max_length=TOKENIZER_MAX_LENGTH)
 
 
 def _variant(in_channels: int, name: str) -> str:
@@ -389,10 +389,9 @@ def _folder_modules(folder: str, unet_cls, dtype: torch.dtype) -> tuple:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    unet = unet_cls.from_pretrained(folder, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
+    unet = unet_cls.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True)
     if te.config.hidden_size != unet.config.cross_attention_dim:
         raise ValueError(f"'{os.path.basename(os.path.normpath(folder))}': text encoder width "
                          f"{te.config.hidden_size} does not match the UNet cross-attention width "
@@ -469,9 +468,8 @@ def load_image_model(path: str, tokenizer_dir: Optional[str] = None,
         raise ValueError(f"'{name}' has SD1.5 UNet keys but an unsupported layout (missing {e}); "
                          + _SUPPORTED_IMAGE) from None
     variant = _variant(ldm["model"]["params"]["unet_config"]["params"]["in_channels"], name)
-    kw = dict(original_config=ldm, torch_dtype=dtype, local_files_only=True)
-    unet = UNet2DConditionModel.from_single_file(sd, **kw)
-    vae = AutoencoderKL.from_single_file(sd, **kw)
+    unet = UNet2DConditionModel.from_single_file(sd, original_config=ldm, torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKL.from_single_file(sd, original_config=ldm, torch_dtype=dtype, local_files_only=True)
     te = _clip_from_ldm(sd, clip, dtype)
     tok = load_tokenizer(tokenizer_dir)
     return ImageModel(_frozen(unet), _frozen(vae), te, tok, NoiseSchedule.from_config(SD15_SCHEDULER_CONFIG),
@@ -666,7 +664,7 @@ def load_controlnet(path: str, dtype: torch.dtype = torch.float32, **overrides) 
     """Load an SD1.5 ControlNet (v1.0/v1.1 LDM layout with or without ``control_model.``, or a diffusers-format
     single file) into a diffusers ``ControlNetModel`` in eval mode (MODELS.md §3.7).
 
-    The config is derived from the weights (diffusers' ``from_single_file(original_config=...)`` is broken in
+    The config is derived from the weights (diffusers' ``from_single_file`` with an ``original_config`` is broken in
     0.42.1) and the keys converted with ``convert_controlnet_checkpoint``; loading is strict. ``overrides`` go to
     the config, e.g. ``global_pool_conditions=True`` for shuffle. The hint image is 8x the latent size.
     Raises ``FileNotFoundError`` and ``ValueError`` naming the file for non-ControlNet files (SD checkpoints,
