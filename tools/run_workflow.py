@@ -88,54 +88,20 @@ def say(msg: str = "") -> None:
 
 
 def resolve_workflow(name: str | None) -> tuple:
-    """(path or None, UI workflow dict). None -> the default, or the built-in core-only fallback."""
-    if name is None:
-        path = os.path.join(WORKFLOWS, DEFAULT_WORKFLOW)
-        if not os.path.isfile(path):
-            say(f"NOTE: workflows/{DEFAULT_WORKFLOW} does not exist yet; running the built-in core-nodes "
-                "workflow (LoadVideo -> GetVideoComponents -> Canny -> CreateVideo -> SaveVideo) instead.")
-            return None, builtin_workflow()
-    else:
-        candidates = [name, os.path.join(WORKFLOWS, name), os.path.join(WORKFLOWS, name + ".json")]
-        path = next((p for p in candidates if os.path.isfile(p)), None)
-        if path is None:
-            available = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".json")) \
-                if os.path.isdir(WORKFLOWS) else []
-            raise SystemExit(f"error: workflow {name!r} not found (looked in {WORKFLOWS}); "
-                             f"available: {', '.join(available) or 'none'}")
+    """(path, UI workflow dict) of a workflow name or path; None is the default workflow."""
+    name = name or DEFAULT_WORKFLOW
+    candidates = [name, os.path.join(WORKFLOWS, name), os.path.join(WORKFLOWS, name + ".json")]
+    path = next((p for p in candidates if os.path.isfile(p)), None)
+    if path is None:
+        available = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".json")) if os.path.isdir(WORKFLOWS) else []
+        raise SystemExit(f"error: workflow {name!r} not found (looked in {WORKFLOWS}); "
+                         f"available: {', '.join(available) or 'none'}")
     with open(path, "r", encoding="utf-8") as fh:
         ui = json.load(fh)
     if "nodes" not in ui:
         raise SystemExit(f"error: {path} is not a UI-format workflow (no 'nodes'); save it from ComfyUI with "
                          "Workflow > Save, not 'Export (API)'")
     return path, ui
-
-
-def builtin_workflow() -> dict:
-    """A core-nodes-only UI workflow: video in, canny edges, video out (used until the pack's workflows exist)."""
-    def node(nid, typ, inputs, outputs, widgets, x):
-        return {"id": nid, "type": typ, "pos": [x, 0], "size": [300, 120], "flags": {}, "order": nid - 1, "mode": 0,
-                "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": typ},
-                "widgets_values": widgets}
-    return {
-        "last_node_id": 5, "last_link_id": 5, "groups": [], "config": {}, "extra": {}, "version": 0.4,
-        "nodes": [
-            node(1, "LoadVideo", [], [{"name": "VIDEO", "type": "VIDEO", "links": [1]}], ["input.mp4", "image"], 0),
-            node(2, "GetVideoComponents", [{"name": "video", "type": "VIDEO", "link": 1}],
-                 [{"name": "images", "type": "IMAGE", "links": [2]}, {"name": "audio", "type": "AUDIO", "links": None},
-                  {"name": "fps", "type": "FLOAT", "links": [3]}], [], 350),
-            node(3, "Canny", [{"name": "image", "type": "IMAGE", "link": 2}],
-                 [{"name": "IMAGE", "type": "IMAGE", "links": [4]}], [0.4, 0.8], 700),
-            node(4, "CreateVideo", [{"name": "images", "type": "IMAGE", "link": 4},
-                                    {"name": "audio", "type": "AUDIO", "link": None},
-                                    {"name": "fps", "type": "FLOAT", "widget": {"name": "fps"}, "link": 3}],
-                 [{"name": "VIDEO", "type": "VIDEO", "links": [5]}], [16], 1050),
-            node(5, "SaveVideo", [{"name": "video", "type": "VIDEO", "link": 5}], [],
-                 ["videobridge/canny", "auto", "auto"], 1400),
-        ],
-        "links": [[1, 1, 0, 2, 0, "VIDEO"], [2, 2, 0, 3, 0, "IMAGE"], [3, 2, 2, 4, 2, "FLOAT"],
-                  [4, 3, 0, 4, 0, "IMAGE"], [5, 4, 0, 5, 0, "VIDEO"]],
-    }
 
 
 def referenced_model_values(ui: dict) -> list:
@@ -333,7 +299,7 @@ def run_in_env(args) -> int:
                                                                 "comfyui-videobridge")
     external = bool(os.environ.get("VIDEOBRIDGE_EXTERNAL_COMFYUI"))
     wf_path, ui = resolve_workflow(args.workflow)
-    say(f"Workflow: {wf_path or '(built-in core-nodes workflow)'}")
+    say(f"Workflow: {wf_path}")
     say(f"ComfyUI: {comfy_dir}" + (" (external, COMFYUI_DIR)" if external else ""))
 
     models_dir, extra_dirs, standins = prepare_models(ui, cache, external, comfy_dir)
