@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .callbacks import NO_CALLBACKS, Callbacks
 from .denoisers import Branch, Guidance, cfg, ip2p
 from .latents import broadcast_frames, encode_video, vae_scale
-from .samplers import ddim_invert, ddim_sample
+from .samplers import ddim_invert, ddim_sample, initial_noise  # noqa: F401  (frame f's noise is slice f, B4)
 
 TASKS = ("text", "controlnet", "instruct_pix2pix", "inpaint", "outpaint")
 DEFAULT_ALPHA = {"text": 1.0, "controlnet": 1.0, "instruct_pix2pix": 1.0, "inpaint": 0.1, "outpaint": 0.1,
@@ -32,13 +32,6 @@ DEFAULT_ALPHA = {"text": 1.0, "controlnet": 1.0, "instruct_pix2pix": 1.0, "inpai
 """Per-task image share alpha of the mixed inversion (METHODS.md §2.5)."""
 DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_IMAGE_GUIDANCE = 50, 7.5, 1.5
 OUTPAINT_DIRECTIONS = ("horizontal", "vertical")
-
-
-# ------------------------------------------------------------------ noise
-def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
-    """One seeded draw ``[1, 4, F, h, w]`` float32 on the CPU: frame f's noise is slice f (METHODS.md §7.1 B4)."""
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------ step 1: frame-wise IDM conditioning

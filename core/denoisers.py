@@ -1,4 +1,4 @@
-"""Denoisers: the only thing a sampler sees. ``eps = denoiser(x_t, t, guidance)``.
+"""Denoisers: the only thing a sampler sees. ``eps = denoiser(x_t, t, guidance, step=i)``.
 
 Layout everywhere: ``x_t`` is a video latent ``[1, C, F, h, w]`` float32, scaled by the VAE factor (diffusers
 convention); ``t`` is a timestep of ``denoiser.schedule`` (int 0..999, or float when mapped); the result is the
@@ -14,19 +14,23 @@ branches (and all frames, for image models) run as ONE batched UNet call. This c
 
 Image denoisers (``UNet2DDenoiser``) fold frames into the batch, optionally in chunks of ``frame_batch_size``; video
 denoisers (``VideoDenoiser``: diffusers ``UNetMotionModel`` or ``UNet3DConditionModel``) see the whole clip.
-``on_schedule`` lets a denoiser be driven on another model's timesteps by equal-alpha-bar mapping (METHODS.md §1.4).
+``step`` is the index of ``t`` in the sampler's grid (None when there is no grid). Inside
+``denoiser.controlled(controller)`` the denoiser tells the attention controller (``core.attention``) what each UNet
+call is (step, timestep, branch roles, frame range of the
+chunk) right before the call. ``on_schedule`` lets a denoiser be driven on another model's timesteps by equal-alpha-bar mapping (METHODS.md §1.4).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .attention import CallContext, attention_control
 from .schedule import NoiseSchedule, Timestep
 
 log = logging.getLogger(__name__)
@@ -40,10 +44,13 @@ class Branch:
     concat: extra input channels ``[1, C', F, h, w]`` appended after ``x_t`` (InstructPix2Pix: the unscaled source
         image latent, 4 ch; inpainting: mask + scaled masked-image latent, 5 ch), or None.
     control: ControlNet hint ``[F, 3, H, W]`` in 0..1 at pixel size (8x the latent), or None.
+    role: what the branch is in the batch ("cond", "uncond", "image_cond"; later "source"/"edit"), told to the
+        attention controller with every call (``core.attention.CallContext.branches``).
     """
     text: torch.Tensor
     concat: Optional[torch.Tensor] = None
     control: Optional[torch.Tensor] = None
+    role: str = "cond"
 
 
 @dataclass
@@ -67,7 +74,7 @@ def cfg(cond: Branch, uncond: Branch, scale: float) -> Guidance:
     """Classifier-free guidance ``eps_u + scale (eps_c - eps_u)`` as one batched call; scale 1 is a single pass."""
     if scale == 1.0:
         return single(cond)
-    return Guidance([uncond, cond], [1.0 - scale, scale])
+    return Guidance([replace(uncond, role="uncond"), cond], [1.0 - scale, scale])
 
 
 def ip2p(text: torch.Tensor, null: torch.Tensor, image_latent: torch.Tensor, text_scale: float,
@@ -78,7 +85,8 @@ def ip2p(text: torch.Tensor, null: torch.Tensor, image_latent: torch.Tensor, tex
     UNSCALED VAE latent ``[1,4,F,h,w]``. eps = e0 + s_t (e_TI - e_I) + s_i (e_I - e0).
     """
     zeros = torch.zeros_like(image_latent)
-    return Guidance([Branch(text, image_latent), Branch(null, image_latent), Branch(null, zeros)],
+    return Guidance([Branch(text, image_latent), Branch(null, image_latent, role="image_cond"),
+                     Branch(null, zeros, role="uncond")],
                     [text_scale, image_scale - text_scale, 1.0 - image_scale])
 
 
@@ -98,6 +106,13 @@ def _combine(eps: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     return (eps * w).sum(0, keepdim=True)
 
 
+def tell(controller, step: Optional[int], t: Timestep, g: Guidance, start: int, nf: int, n_frames: int) -> None:
+    """Set ``controller.context`` for the next UNet call: step, timestep, branch roles and frames [start, start+nf)
+    of an ``n_frames`` clip. No-op without a controller."""
+    if controller is not None:
+        controller.context = CallContext(step, t, tuple(b.role for b in g.branches), (start, start + nf), n_frames)
+
+
 def _module_dtype(m: torch.nn.Module) -> torch.dtype:
     return next(m.parameters()).dtype
 
@@ -106,7 +121,23 @@ def _module_device(m: torch.nn.Module) -> torch.device:
     return next(m.parameters()).device
 
 
-class UNet2DDenoiser:
+class _Controllable:
+    """Attention control for denoisers that wrap a diffusers UNet (``self.unet``)."""
+    controller = None
+
+    @contextlib.contextmanager
+    def controlled(self, controller):
+        """Within the block, ``controller`` (``core.attention.AttentionController``) controls the UNet's chosen
+        layers and is told what every call is; processors are restored on exit, also after an exception."""
+        with attention_control(self.unet, controller):
+            self.controller = controller
+            try:
+                yield self
+            finally:
+                self.controller = None
+
+
+class UNet2DDenoiser(_Controllable):
     """Frame-wise image denoiser over a diffusers ``UNet2DConditionModel`` (SD1.5, inpainting 9 ch, IP2P 8 ch).
 
     Frames and guidance branches are one batch ``[(K*F), C, h, w]`` (chunked over frames by ``frame_batch_size``;
@@ -125,13 +156,13 @@ class UNet2DDenoiser:
         self.inflated_groupnorm = inflated_groupnorm
         self.calls = 0                      # UNet forward calls (benchmarks count them)
 
-    def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance, step: Optional[int] = None) -> torch.Tensor:
         n_frames = x.shape[2]
         chunk = n_frames if (self.inflated_groupnorm or not self.frame_batch_size) else int(self.frame_batch_size)
-        out = [self._eval(x[:, :, s:s + chunk], t, guidance, s) for s in range(0, n_frames, chunk)]
+        out = [self._eval(x[:, :, s:s + chunk], t, guidance, s, step, n_frames) for s in range(0, n_frames, chunk)]
         return torch.cat(out, dim=2)
 
-    def _eval(self, x: torch.Tensor, t: Timestep, g: Guidance, start: int) -> torch.Tensor:
+    def _eval(self, x: torch.Tensor, t: Timestep, g: Guidance, start: int, step, n_frames: int) -> torch.Tensor:
         unet = self.unet
         dtype, device = _module_dtype(unet), _module_device(unet)
         nf, K = x.shape[2], len(g.branches)
@@ -161,6 +192,7 @@ class UNet2DDenoiser:
                            conditioning_scale=self.control_scale, return_dict=False)
             kwargs = dict(down_block_additional_residuals=[d.to(dtype) for d in down],
                           mid_block_additional_residual=mid.to(dtype))
+        tell(self.controller, step, t, g, start, nf, n_frames)
         with _pooled_groupnorm(unet, K, nf) if self.inflated_groupnorm else contextlib.nullcontext():
             eps = unet(sample, ts, encoder_hidden_states=ctx, return_dict=False, **kwargs)[0]
         self.calls += 1
@@ -168,7 +200,7 @@ class UNet2DDenoiser:
         return _combine(eps, g.weights)
 
 
-class VideoDenoiser:
+class VideoDenoiser(_Controllable):
     """Whole-clip video denoiser over diffusers ``UNetMotionModel`` (AnimateDiff) or ``UNet3DConditionModel``
     (ZeroScope/ModelScope). Branches are batched as ``[K, C, F, h, w]``. ``UNetMotionModel`` takes its text per
     frame ``[(K*F), 77, D]`` (it does not repeat it), ``UNet3DConditionModel`` per clip ``[K, 77, D]``.
@@ -180,7 +212,7 @@ class VideoDenoiser:
         self.per_frame_text = type(unet).__name__ == "UNetMotionModel"
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: Timestep, g: Guidance) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Timestep, g: Guidance, step: Optional[int] = None) -> torch.Tensor:
         unet = self.unet
         dtype, device = _module_dtype(unet), _module_device(unet)
         nf, K = x.shape[2], len(g.branches)
@@ -197,6 +229,7 @@ class VideoDenoiser:
                 texts.append(br.text)
         sample = torch.cat(inputs).to(device, dtype)
         ctx = torch.cat(texts).to(device, dtype)
+        tell(self.controller, step, t, g, 0, nf, nf)
         eps = unet(sample, _timestep_tensor(t, K, device), encoder_hidden_states=ctx, return_dict=False)[0]
         self.calls += 1
         return _combine(eps.float(), g.weights)
@@ -212,13 +245,17 @@ class MappedDenoiser:
         self.inner, self.schedule, self.kind, self.exact = inner, master, inner.kind, exact
         self._warned = False
 
-    def __call__(self, x, t, g):
+    def __call__(self, x, t, g, step=None):
         u = self.schedule.map_timestep(t, self.inner.schedule, exact=self.exact)
         if not self._warned and self.schedule.alpha_bar(t) < self.inner.schedule.alphas_cumprod[-1]:
             log.warning("timestep %s of the master schedule is noisier than the %s model was trained for; "
                         "clamped to %s", t, self.inner.kind, u)
             self._warned = True
-        return self.inner(x, u, g)
+        return self.inner(x, u, g, step=step)
+
+    def controlled(self, controller):
+        """Attention control of the wrapped denoiser (``_Controllable.controlled``)."""
+        return self.inner.controlled(controller)
 
     @property
     def calls(self):

@@ -13,6 +13,7 @@ import torch
 
 from .callbacks import NO_CALLBACKS, Callbacks
 from .denoisers import Guidance
+from .schedule import Timestep
 
 
 def _check_grid(timesteps: Sequence[int], name: str = "timesteps") -> list:
@@ -24,23 +25,35 @@ def _check_grid(timesteps: Sequence[int], name: str = "timesteps") -> list:
     return grid
 
 
+def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """One seeded draw of ``shape`` (``[1, 4, F, h, w]``) float32 on the CPU (reproducible across hardware; frame f's
+    noise is slice f). Methods give each named purpose its own stream as ``seed + offset``."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+
+
 def ddim_sample(denoiser, x: torch.Tensor, timesteps: Sequence[int], guidance: Guidance, *, eta: float = 0.0,
-                generator: Optional[torch.Generator] = None, callbacks: Callbacks = NO_CALLBACKS) -> torch.Tensor:
-    """DDIM sampling (Song et al. 2021, Eq. 12) from ``x`` at level ``timesteps[0]`` to the end level.
+                generator: Optional[torch.Generator] = None, end: Timestep = None,
+                callbacks: Callbacks = NO_CALLBACKS) -> torch.Tensor:
+    """DDIM sampling (Song et al. 2021, Eq. 12) from ``x`` at level ``timesteps[0]`` to level ``end``.
 
     Args:
         x: ``[1, 4, F, h, w]`` latent at ``timesteps[0]``.
-        timesteps: descending grid; step i goes from ``timesteps[i]`` to ``timesteps[i+1]`` (or "end").
+        timesteps: descending grid; step i goes from ``timesteps[i]`` to ``timesteps[i+1]`` (or ``end``).
         eta: DDIM stochasticity; eta > 0 draws noise from ``generator`` on the CPU (float32), then moves it.
-    Returns: the clean latent ``[1, 4, F, h, w]`` float32. One denoiser call per step.
+        end: the level after the last step: None is the schedule's end level (a clean latent); a timestep below
+            ``timesteps[-1]`` stops there (EVS stops the T2I loop at t_T2V).
+    Returns: the latent at ``end``, ``[1, 4, F, h, w]`` float32. One denoiser call per step.
     """
     grid = _check_grid(timesteps)
+    if end is not None and end >= grid[-1]:
+        raise ValueError(f"end ({end}) must be below the last timestep of the grid ({grid[-1]})")
     sched = denoiser.schedule
     x = x.float()
     for i, t in enumerate(grid):
         callbacks.check()
-        eps = denoiser(x, t, guidance)
-        t_next = grid[i + 1] if i + 1 < len(grid) else None
+        eps = denoiser(x, t, guidance, step=i)
+        t_next = grid[i + 1] if i + 1 < len(grid) else end
         noise = None
         if eta > 0 and t_next is not None:
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
@@ -78,20 +91,20 @@ def ddim_invert(denoiser, z0: torch.Tensor, timesteps: Sequence[int], guidance: 
         if fixed_point_iters:
             raise ValueError("legacy_grid reproduces the official code, which has no fixed-point iterations")
         T, n = sched.num_train_timesteps, len(grid)
-        for s in reversed(grid):
+        for i, s in reversed(list(enumerate(grid))):
             callbacks.check()
-            e = denoiser(x, s, guidance)
+            e = denoiser(x, s, guidance, step=i)
             x = sched.ddim_step(x, e, s, min(T - 2, s + T // n))
             callbacks.step(sched.predict_x0(x, e, min(T - 2, s + T // n)))
         return x
     levels = [None] + list(reversed(grid))
-    for s, t in zip(levels[:-1], levels[1:]):
+    for i, s, t in zip(reversed(range(len(grid))), levels[:-1], levels[1:]):
         callbacks.check()
-        e = denoiser(x, t, guidance)
+        e = denoiser(x, t, guidance, step=i)
         x_new = sched.ddim_step(x, e, s, t)
         for _ in range(fixed_point_iters):
             callbacks.check()
-            e = denoiser(x_new, t, guidance)
+            e = denoiser(x_new, t, guidance, step=i)
             x_new = sched.ddim_step(x, e, s, t)
         x = x_new
         callbacks.step(sched.predict_x0(x, e, t))
@@ -108,3 +121,13 @@ def sdedit(denoiser, x0: torch.Tensor, timesteps: Sequence[int], guidance: Guida
     grid = _check_grid(timesteps)
     x = denoiser.schedule.add_noise(x0, noise.to(x0.device), grid[0])
     return ddim_sample(denoiser, x, grid, guidance, callbacks=callbacks)
+
+
+def predict_clean(denoiser, x: torch.Tensor, t: Timestep, guidance: Guidance, *, step: Optional[int] = None,
+                  callbacks: Callbacks = NO_CALLBACKS) -> torch.Tensor:
+    """One denoiser evaluation at level ``t`` and the predicted clean latent ``x0_hat(x, t, eps)`` (METHODS.md §0),
+    ``[1, 4, F, h, w]`` float32: the bridge between models with different schedules (EVS)."""
+    callbacks.check()
+    x0 = denoiser.schedule.predict_x0(x, denoiser(x, t, guidance, step=step), t)
+    callbacks.step(x0)
+    return x0

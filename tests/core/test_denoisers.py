@@ -106,7 +106,7 @@ def test_mapped_denoiser_calls_inner_at_equal_alpha_bar():
     class Rec:
         kind, schedule, calls = "image", SD, 0
 
-        def __call__(self, x, t, g):
+        def __call__(self, x, t, g, step=None):
             seen.append(t)
             return x
 

@@ -23,7 +23,7 @@ class Gaussian:
         a = self.schedule.alpha_bar(t)
         return a * self.s ** 2 + 1 - a
 
-    def __call__(self, x, t, g):
+    def __call__(self, x, t, g, step=None):
         self.calls += 1
         a = self.schedule.alpha_bar(t)
         return (1 - a).sqrt() * (x - a.sqrt() * self.mu) / self.var(t)
@@ -61,7 +61,7 @@ class ConstantEps:
     def __init__(self, schedule, eps):
         self.schedule, self.eps = schedule, eps
 
-    def __call__(self, x, t, g):
+    def __call__(self, x, t, g, step=None):
         return self.eps
 
 
