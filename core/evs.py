@@ -215,6 +215,20 @@ def check_block(video_denoiser, z_shape: Sequence[int], params: EVSParams, what:
 
 
 # ------------------------------------------------------------------ the whole refinement (Alg. 1, §5.2)
+def plan(image_denoiser, video_denoiser, z_shape: Sequence[int], params: EVSParams, what: str = "EVS") -> tuple:
+    """Check every setting before any work and return the grids ``(t2i grid from t1, T2I steps before t_T2V,
+    T2I steps from t_T2V on, T2V grid from t_V)``. Raises ValueError for mismatched denoiser kinds, an unknown
+    renoise, and the errors of ``t2i_grid``, ``split_at`` and ``check_block``."""
+    if image_denoiser.kind != "image" or video_denoiser.kind != "video":
+        raise ValueError(f"EVS needs an image (T2I) and a video (T2V) denoiser, got {image_denoiser.kind!r} and "
+                         f"{video_denoiser.kind!r}")
+    if params.renoise not in RENOISE:
+        raise ValueError(f"renoise must be one of {RENOISE}, got {params.renoise!r}")
+    grid_i = t2i_grid(image_denoiser.schedule, params.t2i_steps, params.s1)
+    before, after = split_at(grid_i, params.t_T2V)
+    return grid_i, before, after, check_block(video_denoiser, z_shape, params, what)
+
+
 def evs_refine(image_denoiser, video_denoiser, z0: torch.Tensor, image_guidance: Guidance,
                video_guidance: Guidance, seed: int, params: EVSParams = EVSParams(), *,
                callbacks: Callbacks = NO_CALLBACKS) -> torch.Tensor:
@@ -227,14 +241,7 @@ def evs_refine(image_denoiser, video_denoiser, z0: torch.Tensor, image_guidance:
     Returns the refined clean latent ``[1, 4, F, h, w]`` float32. Raises ValueError for mismatched denoiser kinds
     and for settings that are off the grids (``t2i_grid``, ``split_at``, ``check_block``).
     """
-    if image_denoiser.kind != "image" or video_denoiser.kind != "video":
-        raise ValueError(f"EVS needs an image (T2I) and a video (T2V) denoiser, got {image_denoiser.kind!r} and "
-                         f"{video_denoiser.kind!r}")
-    if params.renoise not in RENOISE:
-        raise ValueError(f"renoise must be one of {RENOISE}, got {params.renoise!r}")
-    grid_i = t2i_grid(image_denoiser.schedule, params.t2i_steps, params.s1)
-    before, after = split_at(grid_i, params.t_T2V)
-    grid_v = check_block(video_denoiser, z0.shape, params)
+    grid_i, before, after, grid_v = plan(image_denoiser, video_denoiser, z0.shape, params)
     device = z0.device
     eps = initial_noise(z0.shape, seed + STREAMS["sdedit"]).to(device)
     x = image_denoiser.schedule.add_noise(z0, eps, grid_i[0])                                      # Eq. 1

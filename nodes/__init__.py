@@ -5,11 +5,12 @@ from .paths import register_animatediff_folder
 register_animatediff_folder()          # before any node lists models/animatediff_models
 
 from .bivdiff import VBDDIMInvert, VBFramewiseGenerate, VBMixLatents, VBVideoDenoise  # noqa: E402
+from .evs import VBEncapsulatedT2V, VBEVSRefine  # noqa: E402
 from .frames import VBDecodeFrames, VBEncodeFrames  # noqa: E402
 from .loaders import VBLoadControlNet, VBLoadImageModel, VBLoadVideoModel  # noqa: E402
 
 NODES = [VBLoadImageModel, VBLoadControlNet, VBLoadVideoModel, VBEncodeFrames, VBDecodeFrames, VBFramewiseGenerate,
-         VBDDIMInvert, VBMixLatents, VBVideoDenoise]
+         VBDDIMInvert, VBMixLatents, VBVideoDenoise, VBEncapsulatedT2V, VBEVSRefine]
 
 
 class VideoBridgeExtension(ComfyExtension):

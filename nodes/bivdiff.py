@@ -5,32 +5,19 @@ A thin skin over ``core.bivdiff`` (METHODS.md §2). A noisy LATENT (after invers
 """
 from __future__ import annotations
 
-from ..core import bivdiff
+import contextlib
+
+from ..core import bivdiff, evs
+from ..core.attention import FeatureBank, check_budget, estimate_bank_bytes, resolve_layers
 from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, on_schedule, single
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
 from ..core.samplers import ddim_invert, sdedit
-from . import runtime, types
+from . import runtime, types, widgets
 from .api import io
 
 INVERT_WITH = ["image model (frame-wise)", "video model (whole clip)"]
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def _seed():
-    return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
-                        tooltip="Noise seed. Noise is drawn on the CPU, so a seed reproduces across hardware.")
-
-
-def _steps(default=bivdiff.DEFAULT_STEPS, what="sampling"):
-    return io.Int.Input("steps", default=default, min=1, max=1000,
-                        tooltip=f"DDIM {what} steps. Inversion and smoothing must use the same number.")
-
-
-def _frame_batch():
-    return io.Int.Input("frame_batch_size", default=0, min=0, max=1024,
-                        tooltip="Frames per image-UNet call (0 = all frames at once). Lower it to save memory; "
-                                "results do not change.")
+CAPTURE = ["off", *widgets.PRESETS, "custom"]
 
 
 def latent_scale(video_model=None, image_model=None) -> float:
@@ -59,8 +46,8 @@ class VBFramewiseGenerate(io.ComfyNode):
                                 tooltip="Prompt (the edit instruction for InstructPix2Pix)."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt; the unconditional branch of guidance."),
-                _seed(),
-                _steps(),
+                widgets.seed(),
+                widgets.steps(),
                 io.Float.Input("cfg", default=bivdiff.DEFAULT_CFG, min=1.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance scale (text guidance for InstructPix2Pix)."),
                 io.Int.Input("width", default=256, min=8, max=4096, step=8,
@@ -73,7 +60,7 @@ class VBFramewiseGenerate(io.ComfyNode):
                                tooltip="ControlNet conditioning scale (ControlNet only)."),
                 io.Float.Input("image_guidance", default=bivdiff.DEFAULT_IMAGE_GUIDANCE, min=0.0, max=10.0,
                                step=0.05, tooltip="Image guidance scale s_I (InstructPix2Pix only)."),
-                _frame_batch(),
+                widgets.frame_batch(),
                 types.ControlNet.Input("controlnet", optional=True, tooltip="ControlNet applied to every frame."),
                 io.Image.Input("hints", optional=True,
                                tooltip="ControlNet hint frames (e.g. Canny edges of the source video), one per frame "
@@ -170,11 +157,11 @@ class VBDDIMInvert(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="Inversion prompt, no guidance. Empty (the null prompt) as in the paper; the "
                                         "official code used the negative prompt."),
-                _steps(what="inversion"),
+                widgets.steps(what="inversion"),
                 io.Int.Input("fixed_point_iterations", default=0, min=0, max=10,
                              tooltip="Extra UNet calls per step that make the inversion exact for its own prompt "
                                      "(2-3 suffice); 0 is plain DDIM inversion as in BIVDiff."),
-                _frame_batch(),
+                widgets.frame_batch(),
                 io.Boolean.Input("legacy_grid", default=False,
                                  tooltip="Parity with the official BIVDiff code: ends at timestep 998 instead of the "
                                          "sampler's first timestep. For comparisons only."),
@@ -186,13 +173,29 @@ class VBDDIMInvert(io.ComfyNode):
                 types.VideoModel.Input("video_model", optional=True,
                                        tooltip="Video model: inverts the whole clip, and its schedule and steps define "
                                                "the grid (connect it for image inversion too)."),
+                io.Combo.Input("capture_attention", options=CAPTURE, default=CAPTURE[0],
+                               tooltip="Capture attention features (Q/K/V) during a video-model inversion for "
+                                       "Selective Feature Injection in VBVideoDenoise / VBEncapsulatedT2V: 'shallow' "
+                                       "(9 decoder self-attention layers), 'deep' (6), or 'custom' (custom_layers)."),
+                io.String.Input("custom_layers", default="",
+                                tooltip="Layers for capture_attention = custom: comma-separated names such as "
+                                        "up_blocks.1.attentions.0.transformer_blocks.0.attn1 (spatial layers only)."),
+                io.Int.Input("capture_steps", default=0, min=0, max=1000,
+                             tooltip="Keep the features of this many of the noisiest steps (the first ones the "
+                                     "denoiser injects); 0 = every step. Fewer steps, less memory."),
+                widgets.bank_storage(),
+                widgets.bank_budget(),
             ],
             outputs=[io.Latent.Output(display_name="noisy_latent",
-                                      tooltip="Inverted latent; it carries its timestep and schedule.")])
+                                      tooltip="Inverted latent; it carries its timestep and schedule."),
+                     types.AttentionBank.Output(display_name="attention_bank",
+                                                tooltip="Captured attention features (empty when capture_attention "
+                                                        "is off).")])
 
     @classmethod
     def execute(cls, latent, invert_with, prompt, steps, fixed_point_iterations, frame_batch_size, legacy_grid,
-                inflated_groupnorm, image_model=None, video_model=None) -> io.NodeOutput:
+                inflated_groupnorm, image_model=None, video_model=None, capture_attention="off", custom_layers="",
+                capture_steps=0, bank_storage=widgets.BANK_STORAGE[0], bank_budget_gb=8.0) -> io.NodeOutput:
         node = "VBDDIMInvert"
         if runtime.is_noisy(latent):
             raise ValueError(f"{node}: latent: already noisy (timestep {latent['vb_timestep']}); invert a clean "
@@ -206,6 +209,10 @@ class VBDDIMInvert(io.ComfyNode):
         spacing = video_model.model.spacing if video_model is not None else "leading"
         grid = master.timesteps(steps, spacing)
         scale = latent_scale(video_model, image_model)
+        capture = capture_attention != CAPTURE[0]
+        if capture and (use_image or legacy_grid):
+            raise ValueError(f"{node}: capture_attention: features are captured from a video-model inversion on the "
+                             f"sampler's grid; set invert_with to '{INVERT_WITH[1]}' and legacy_grid off")
         progress = runtime.Progress(steps)
         if use_image:
             m = image_model.model
@@ -222,9 +229,25 @@ class VBDDIMInvert(io.ComfyNode):
             device = runtime.load(video_model.unet)
             denoiser = VideoDenoiser(video_model.model.unet, master)
         z0 = runtime.from_latent(latent, "latent", scale, device)
-        z = ddim_invert(denoiser, z0, grid, single(Branch(emb)), fixed_point_iters=fixed_point_iterations,
-                        legacy_grid=legacy_grid, callbacks=progress.callbacks)
-        return io.NodeOutput(runtime.to_latent(z, scale, timestep=grid[0], schedule=master, grid=grid))
+        guidance = single(Branch(emb))
+        dtype, where = widgets.storage(bank_storage)
+        bank = FeatureBank(z0.shape[2], tuple(z0.shape[-2:]), master, dtype, where)
+        if not capture:
+            z = ddim_invert(denoiser, z0, grid, guidance, fixed_point_iters=fixed_point_iterations,
+                            legacy_grid=legacy_grid, callbacks=progress.callbacks)
+        else:
+            try:
+                layers = resolve_layers(denoiser.unet, custom_layers if capture_attention == "custom"
+                                        else capture_attention)
+            except ValueError as e:                                      # only custom names can be wrong
+                raise ValueError(f"{node}: custom_{e}") from None
+            kept = grid[:capture_steps] if capture_steps else grid
+            check_budget(estimate_bank_bytes(denoiser.unet, layers, z0.shape[2], tuple(z0.shape[-2:]), len(kept)),
+                         bank_budget_gb, node, len(layers), len(kept))
+            z, bank = evs.sfi_invert(denoiser, z0, grid, guidance, layers, kept,
+                                     fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
+                                     callbacks=progress.callbacks)
+        return io.NodeOutput(runtime.to_latent(z, scale, timestep=grid[0], schedule=master, grid=grid), bank)
 
 
 class VBMixLatents(io.ComfyNode):
@@ -285,25 +308,31 @@ class VBVideoDenoise(io.ComfyNode):
             node_id="VBVideoDenoise", display_name="Video Denoise (VideoBridge)", category="VideoBridge/BIVDiff",
             description="DDIM sampling with the video model. From an inverted latent it is BIVDiff's temporal "
                         "smoothing (starting exactly where the inversion ended); from a clean latent it is SDEdit "
-                        "with the given strength.",
+                        "with the given strength. With an attention_bank (VBDDIMInvert, capture_attention on) it "
+                        "injects the inversion's attention features (EVS Selective Feature Injection) at every step "
+                        "the bank holds.",
             inputs=[
                 types.VideoModel.Input("video_model", tooltip="AnimateDiff or ZeroScope/ModelScope video model."),
                 io.Latent.Input("latent", tooltip="Noisy latent from VBMixLatents/VBDDIMInvert, or a clean latent."),
                 io.String.Input("prompt", multiline=True, default="", tooltip="Video prompt P* (the VDM's prompt)."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt (unconditional branch)."),
-                _seed(),
-                _steps(),
+                widgets.seed(),
+                widgets.steps(),
                 io.Float.Input("cfg", default=bivdiff.DEFAULT_CFG, min=1.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance scale (1 for AnimateDiff-Lightning)."),
                 io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="SDEdit strength for a CLEAN latent (share of the grid re-run); ignored for an "
                                        "inverted latent, which starts where the inversion ended."),
+                widgets.attention_bank_input(),
+                widgets.sfi_gamma(),
+                widgets.sfi_layers([widgets.ALL_IN_BANK, *widgets.PRESETS], widgets.ALL_IN_BANK),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="Clean latent video (unscaled; VAEDecode-able).")])
 
     @classmethod
-    def execute(cls, video_model, latent, prompt, negative_prompt, seed, steps, cfg, strength) -> io.NodeOutput:
+    def execute(cls, video_model, latent, prompt, negative_prompt, seed, steps, cfg, strength, attention_bank=None,
+                sfi_gamma=0.5, sfi_layers=widgets.ALL_IN_BANK) -> io.NodeOutput:
         node = "VBVideoDenoise"
         vm = video_model.model
         grid = vm.schedule.timesteps(steps, vm.spacing)
@@ -320,15 +349,27 @@ class VBVideoDenoise(io.ComfyNode):
         else:
             grid = vm.schedule.timesteps(steps, vm.spacing, strength)
         scale = latent_scale(video_model)
+        z = runtime.from_latent(latent, "latent", scale, runtime.mm.intermediate_device())
+        denoiser = VideoDenoiser(vm.unet, vm.schedule)
+        inject = contextlib.nullcontext()
+        if attention_bank is not None:
+            try:
+                layers = attention_bank.layers if sfi_layers == widgets.ALL_IN_BANK else \
+                    resolve_layers(vm.unet, sfi_layers)
+            except ValueError as e:
+                raise ValueError(f"{node}: sfi_{e}") from None
+            attention_bank.check_compatible(f"{node}: attention_bank", z.shape[2], tuple(z.shape[-2:]), vm.schedule,
+                                            layers, grid)
+            inject = evs.injecting(denoiser, attention_bank, layers, sfi_gamma)
         progress = runtime.Progress(len(grid))
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
         device = runtime.load(video_model.unet)
-        z = runtime.from_latent(latent, "latent", scale, device)
-        denoiser = VideoDenoiser(vm.unet, vm.schedule)
+        z = z.to(device)
         guidance = cfg_guidance(Branch(text), Branch(null), cfg)
-        if noisy:
-            out = bivdiff.temporal_smoothing(denoiser, z, grid, guidance, callbacks=progress.callbacks)
-        else:
-            noise = bivdiff.initial_noise(z.shape, seed).to(device)
-            out = sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
+        with inject:
+            if noisy:
+                out = bivdiff.temporal_smoothing(denoiser, z, grid, guidance, callbacks=progress.callbacks)
+            else:
+                noise = bivdiff.initial_noise(z.shape, seed).to(device)
+                out = sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
         return io.NodeOutput(runtime.to_latent(out, scale))

@@ -128,9 +128,69 @@ def inpaint_zeroscope(outpaint=False):
     ]
 
 
-SPECS = [controlnet_zeroscope, ip2p_animatediff, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True)]
+LIGHTNING = "animatediff_lightning_8step_comfyui.safetensors"
+EVS_NOTE = f"""EVS video refinement (Su et al., CVPR 2025)
+
+A weak or flickering video goes in; the SD1.5 image model re-draws it (T2I denoising from strength s1) and, at
+timestep t_T2V, hands its predicted clean frames to AnimateDiff-Lightning, whose [T2V] block makes them temporally
+consistent; the image model then finishes the sharp details. Output: the refined video.
+
+Models (ComfyUI/models/...):
+- checkpoints/{BASE}: any SD1.5 checkpoint (the paper uses epiCRealism).
+- animatediff_models/{LIGHTNING}: AnimateDiff-Lightning 8-step (ByteDance), loaded on the trailing grid.
+
+Frame count and size: group 1 (First N frames, Resize). Small defaults (8 frames, {SIZE}x{SIZE}, upscale 1.0) so it
+runs anywhere; for real use take 16 frames at 512x512 and upscale 2.0 (the paper's setting).
+
+EVS Refine knobs:
+- upscale: resize before refining (paper 2.0).
+- s1: how much of the T2I grid is re-run (0.4 = from timestep 381). Higher changes more.
+- t2i_steps (T1 = 50), cfg (g_I = 7.5): the image model's DDIM grid and guidance.
+- t_T2V (201): where the T2V block sits on the T2I grid. Larger = better image quality, less consistency.
+- t2v_steps (8), t_V (499), n_V (4): the T2V block's grid, its start and its number of steps. Larger t_V removes
+  more flicker but pulls the look towards the video model.
+- t2v_cfg: 1 for Lightning.
+Research options (last): block 'inversion + SFI' inverts instead of noising and injects attention (sfi_layers,
+sfi_gamma: 'shallow' 0.5 or 'deep' 0.8), renoise, fixed-point iterations, frame_batch_size (memory only),
+attention bank storage and budget."""
+
+
+def evs_refine_lightning():
+    stem = "evs_refine_animatediff_lightning"
+    nodes = [
+        (1, "LoadVideo", {"file": INPUT_VIDEO}, {}, "Input video"),
+        (2, "GetVideoComponents", {}, {"video": (1, 0)}, None),
+        (3, "ImageFromBatch", {"batch_index": 0, "length": FRAMES}, {"image": (2, 0)}, f"First {FRAMES} frames"),
+        (4, "ImageScale", {"upscale_method": "bilinear", "width": SIZE, "height": SIZE, "crop": "center"},
+         {"image": (3, 0)}, f"Resize to {SIZE}x{SIZE}"),
+        (5, "VBLoadImageModel", {"model_name": BASE}, {}, "SD1.5 checkpoint (T2I)"),
+        (6, "VBLoadVideoModel", {"model_name": LIGHTNING, "sampling": "Lightning (trailing grid)"},
+         {"image_model": (5, 0)}, "AnimateDiff-Lightning 8-step (T2V)"),
+        (7, "VBEVSRefine", {"prompt": FOX, "negative_prompt": "", "seed": 0, "upscale": 1.0},
+         {"images": (4, 0), "image_model": (5, 0), "video_model": (6, 0)}, "EVS refine (T2I + [T2V] + T2I)"),
+        (8, "CreateVideo", {"fps": 8.0}, {"images": (7, 0), "fps": (2, 2)}, None),
+        (9, "SaveVideo", {"filename_prefix": f"videobridge/{stem}", "format": "auto", "codec": "auto"},
+         {"video": (8, 0)}, "Refined video"),
+        (10, "Note", {"text": EVS_NOTE}, {}, "What this workflow does"),
+    ]
+    layout = {10: (40, 110, 440, 860),
+              1: (540, 140, None, None), 2: (920, 140, None, None), 3: (920, 300, None, None),
+              4: (920, 510, None, None),
+              5: (540, 870, None, None), 6: (920, 870, None, None),
+              7: (1340, 140, 400, None),
+              8: (1800, 140, None, None), 9: (1800, 380, None, None)}
+    groups = [("1 · Input video: frame count and size are set here", [1, 2, 3, 4]),
+              ("2 · Models", [5, 6]), ("3 · EVS refinement", [7]), ("4 · Output", [8, 9])]
+    return stem, "EVS: refine a video with SD1.5 + AnimateDiff-Lightning (T2I + encapsulated T2V block)", nodes, \
+        {"layout": layout, "groups": groups}
+
+
+SPECS = [controlnet_zeroscope, ip2p_animatediff, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
+         evs_refine_lightning]
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+LOAD_VIDEO_HEIGHT = 460        # LoadVideo and SaveVideo grow to about this once their video preview loads
+GROUP_PAD, GROUP_TITLE = 20, 70     # a node's title bar (30 px) sits above its pos; the group title above that
 
 
 def _is_widget(spec) -> bool:
@@ -149,8 +209,13 @@ def _default(spec):
 
 
 def build(spec, object_info) -> dict:
-    """UI-format workflow (LiteGraph 0.4) from a spec list; positions in columns by graph depth."""
-    stem, title, nodes = spec
+    """UI-format workflow (LiteGraph 0.4) from a spec: (stem, title, nodes[, extras]). Positions are in columns by
+    graph depth unless ``extras["layout"]`` gives ``{id: (x, y, width or None, height or None)}``; ``Note`` nodes
+    (UI only) hold ``widgets["text"]``; ``extras["groups"]`` is ``[(title, [node ids])]``, each drawn around its
+    nodes."""
+    stem, title, nodes = spec[:3]
+    extras = spec[3] if len(spec) > 3 else {}
+    layout = extras.get("layout", {})
     by_id = {n[0]: n for n in nodes}
     depth = {}
 
@@ -165,6 +230,14 @@ def build(spec, object_info) -> dict:
         for name, (src, slot) in inputs.items():
             links.append([len(links) + 1, src, slot, nid, name, None])
     for order, (nid, ntype, widgets, inputs, ntitle) in enumerate(sorted(nodes, key=lambda n: (d(n[0]), n[0]))):
+        if ntype == "Note":
+            x, y, w, h = layout[nid]
+            ui_nodes.append({"id": nid, "type": "Note", "pos": [x, y], "size": [w, h], "flags": {}, "order": order,
+                             "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
+                             "widgets_values": [widgets["text"]], "title": ntitle or "Note",
+                             "color": "#432", "bgcolor": "#653"})
+            outputs_links[nid] = []
+            continue
         info = object_info[ntype]
         spec_in = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
         order_in = info.get("input_order", {})
@@ -194,9 +267,13 @@ def build(spec, object_info) -> dict:
                 for k, (otype, oname) in enumerate(zip(info["output"], info.get("output_name", info["output"])))]
         col = d(nid)
         y = column_y.get(col, 60)
-        height = 80 + 26 * (len(values) + len(ui_inputs))
-        column_y[col] = y + height + 40
-        node = {"id": nid, "type": ntype, "pos": [60 + 380 * col, y], "size": [340, height], "flags": {},
+        height = LOAD_VIDEO_HEIGHT if ntype in ("LoadVideo", "SaveVideo") else 80 + 26 * (len(values) + len(ui_inputs))
+        column_y[col] = y + height + 50
+        pos, width = [60 + 380 * col, y], 340
+        if nid in layout:
+            x, y, w, h = layout[nid]
+            pos, width, height = [x, y], w or width, h or height
+        node = {"id": nid, "type": ntype, "pos": pos, "size": [width, height], "flags": {},
                 "order": order, "mode": 0, "inputs": ui_inputs, "outputs": outs,
                 "properties": {"Node name for S&R": ntype}, "widgets_values": values}
         if ntitle:
@@ -206,8 +283,16 @@ def build(spec, object_info) -> dict:
     for link in links:
         outputs_links[link[1]][link[2]]["links"].append(link[0])
     ui_nodes.sort(key=lambda n: n["id"])
+    groups = []
+    for gtitle, members in extras.get("groups", []):
+        boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+                 for n in ui_nodes if n["id"] in members]
+        x0, y0 = min(b[0] for b in boxes) - GROUP_PAD, min(b[1] for b in boxes) - GROUP_TITLE
+        x1, y1 = max(b[2] for b in boxes) + GROUP_PAD, max(b[3] for b in boxes) + GROUP_PAD
+        groups.append({"title": gtitle, "bounding": [x0, y0, x1 - x0, y1 - y0], "color": "#3f789e",
+                       "font_size": 24, "flags": {}})
     return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"title": title}},
+            "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"title": title}},
             "version": 0.4}
 
 

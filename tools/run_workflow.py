@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Optional
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TOOLS)
@@ -370,7 +371,8 @@ def run_in_env(args) -> int:
         if not mp4:
             say("error: --thumbnail needs an mp4 output (SaveVideo)")
             return 1
-        write_thumbnail(mp4[0], args.thumbnail)
+        write_thumbnail(mp4[0], args.thumbnail,
+                        label="stand-in random-weight models: a smoke run, not a real result" if standins else None)
         say(f"Thumbnail: {args.thumbnail}")
     if standins:
         say("NOTE: stand-in random-weight models were created for: " + ", ".join(standins)
@@ -379,10 +381,11 @@ def run_in_env(args) -> int:
     return 0
 
 
-def write_thumbnail(video: str, dest: str, size: int = 256) -> None:
+def write_thumbnail(video: str, dest: str, size: int = 256, label: Optional[str] = None) -> None:
     """A 2x2 grid of four evenly spaced frames of ``video`` as a JPEG (ComfyUI shows ``<workflow>.jpg`` as the
-    template's thumbnail)."""
-    from PIL import Image
+    template's thumbnail). ``label`` is written across the middle on a dark band (used for stand-in smoke runs, so a
+    thumbnail never shows unlabelled noise)."""
+    from PIL import Image, ImageDraw, ImageFont
     from tools.comfy_server import read_video
 
     frames = read_video(video)
@@ -390,6 +393,15 @@ def write_thumbnail(video: str, dest: str, size: int = 256) -> None:
     grid = Image.new("RGB", (2 * size, 2 * size))
     for i, f in enumerate(picks):
         grid.paste(Image.fromarray(f).resize((size, size)), ((i % 2) * size, (i // 2) * size))
+    if label:
+        draw = ImageDraw.Draw(grid)
+        font = ImageFont.load_default(size=max(12, size // 12))
+        width = draw.textlength(label, font=font)
+        if width > 2 * size - 20:
+            font = ImageFont.load_default(size=max(8, int(font.size * (2 * size - 20) / width)))
+        box = draw.textbbox((size, size), label, font=font, anchor="mm")
+        draw.rectangle((0, box[1] - 10, 2 * size, box[3] + 10), fill=(20, 20, 20))
+        draw.text((size, size), label, fill=(255, 220, 120), font=font, anchor="mm")
     grid.save(dest, quality=85)
 
 

@@ -43,12 +43,13 @@ STANDIN_FILES = {
     "sd15_ip2p": "checkpoints/instruct-pix2pix-00-22000.safetensors",
     "controlnet_canny": "controlnet/control_v11p_sd15_canny.safetensors",
     "animatediff_v2": "animatediff_models/mm_sd_v15_v2.ckpt",
+    "animatediff_lightning": "animatediff_models/animatediff_lightning_8step_comfyui.safetensors",
     "zeroscope": "diffusers/zeroscope_v2_576w",
 }
 """Standard stand-in paths relative to a ComfyUI ``models`` dir, by role (the README lists these)."""
 
 _SEEDS = {"sd15": 0, "sd15_inpainting": 1, "sd15_ip2p": 2, "controlnet_canny": 3, "animatediff_v2": 4,
-          "zeroscope": 5}
+          "zeroscope": 5, "animatediff_lightning": 6}
 _VARIANT_IN = {"base": 4, "inpainting": 9, "instruct_pix2pix": 8}
 
 
@@ -569,6 +570,8 @@ def _write_role(role: str, path: str) -> None:
         write_controlnet(path, seed=seed, layout="ldm", attention_levels=STANDIN_ATTENTION)
     elif role == "animatediff_v2":
         write_motion_module(path, "v2", seed=seed, layout="original")
+    elif role == "animatediff_lightning":                  # AnimateDiff-Lightning has the v2 structure
+        write_motion_module(path, "v2", seed=seed, layout="original")
     elif role == "zeroscope":
         write_zeroscope_folder(path, seed=seed)
     else:
@@ -579,7 +582,7 @@ def ensure_standins(models_dir: str, names: Optional[dict] = None) -> list[str]:
     """Create the stand-in models missing from a ComfyUI ``models`` dir; return the paths it created.
 
     ``names`` maps role -> path relative to ``models_dir`` (default :data:`STANDIN_FILES`: SD1.5 base, inpainting
-    and InstructPix2Pix checkpoints, a canny ControlNet, an AnimateDiff v2 motion module and a ZeroScope folder);
+    and InstructPix2Pix checkpoints, a canny ControlNet, AnimateDiff v2 and Lightning motion modules and a ZeroScope folder);
     pass a subset or other file names to change what is created. Existing files / folders are never overwritten.
     Each stand-in is written under a temporary name and renamed, so an interrupted run leaves no half file.
     """

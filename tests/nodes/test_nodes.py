@@ -79,7 +79,7 @@ def test_schema_has_tooltips_descriptions_and_matches_snapshot(N):
             assert i.tooltip, f"{name}.{getattr(i, 'id', i)} has no tooltip"
         current[name] = schema_of(node)
     current = json.loads(json.dumps(current))
-    if not os.path.exists(SNAPSHOT):
+    if os.environ.get("VIDEOBRIDGE_UPDATE_SNAPSHOT"):                 # deliberate, after appending inputs or nodes
         with open(SNAPSHOT, "w") as f:
             json.dump(current, f, indent=1, sort_keys=True)
     with open(SNAPSHOT) as f:
@@ -89,6 +89,10 @@ def test_schema_has_tooltips_descriptions_and_matches_snapshot(N):
         new = current[name]
         assert new["inputs"][:len(old["inputs"])] == old["inputs"], f"{name}: inputs renamed or reordered"
         assert new["outputs"][:len(old["outputs"])] == old["outputs"], f"{name}: outputs changed"
+    unrecorded = sorted(set(current) - set(snap))
+    assert not unrecorded, f"nodes {unrecorded} are not in {SNAPSHOT}; record them with VIDEOBRIDGE_UPDATE_SNAPSHOT=1"
+    grown = sorted(n for n in snap if current[n] != snap[n])
+    assert not grown, f"inputs/outputs appended to {grown}; record them with VIDEOBRIDGE_UPDATE_SNAPSHOT=1"
 
 
 # ------------------------------------------------------------------ loaders and frames

@@ -33,6 +33,60 @@ def test_every_workflow_has_a_thumbnail():
         assert os.path.isfile(path[:-5] + ".jpg"), f"{os.path.basename(path)} has no thumbnail"
 
 
+TITLE = 30          # LiteGraph draws a node's title bar above its pos
+
+
+def _box(node):
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE, x + w, y + h
+
+
+def _overlap(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: os.path.basename(p)[:-5])
+def test_workflow_layout_has_no_overlaps(path):
+    """Nodes (title bars included, video previews grown) never overlap; groups never overlap and each node is wholly
+    inside one group or outside all; a Note names every model file its loaders use."""
+    with open(path) as f:
+        ui = json.load(f)
+    nodes = ui["nodes"]
+    for n in nodes:
+        if n["type"] in ("LoadVideo", "SaveVideo"):
+            assert n["size"][1] >= 400, f"{n['type']} #{n['id']} leaves no room for its video preview"
+    boxes = [(n["id"], _box(n)) for n in nodes]
+    for i, (a, ba) in enumerate(boxes):
+        for b, bb in boxes[i + 1:]:
+            assert not _overlap(ba, bb), f"nodes #{a} and #{b} overlap"
+    groups = [(g["title"], (g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+                            g["bounding"][1] + g["bounding"][3])) for g in ui.get("groups", [])]
+    for i, (a, ga) in enumerate(groups):
+        for b, gb in groups[i + 1:]:
+            assert not _overlap(ga, gb), f"groups {a!r} and {b!r} overlap"
+    for nid, box in boxes:
+        inside = [t for t, g in groups if g[0] <= box[0] and g[1] <= box[1] - 30 and box[2] <= g[2] and box[3] <= g[3]]
+        touching = [t for t, g in groups if _overlap(g, box)]
+        assert touching == inside and len(inside) <= 1, f"node #{nid} straddles groups {touching}"
+    notes = [n for n in nodes if n["type"] == "Note"]
+    if notes:
+        text = " ".join(n["widgets_values"][0] for n in notes)
+        for n in nodes:
+            if n["type"].startswith("VBLoad"):
+                assert n["widgets_values"][0] in text, f"the Note does not say where {n['widgets_values'][0]} goes"
+
+
+def test_evs_workflow_explains_every_knob():
+    path = os.path.join(ROOT, "workflows", "evs_refine_animatediff_lightning.json")
+    with open(path) as f:
+        ui = json.load(f)
+    note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    knobs = ["upscale", "s1", "t2i_steps", "cfg", "t_T2V", "t2v_steps", "t_V", "n_V", "t2v_cfg", "block", "renoise",
+             "sfi_layers", "sfi_gamma", "frame_batch_size"]
+    assert [k for k in knobs if k not in note] == []
+    assert {g["title"].split(" · ")[0] for g in ui["groups"]} == {"1", "2", "3", "4"}
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: os.path.basename(p)[:-5])
 def test_workflow_runs_on_a_real_clip(comfy, path):
     ui, api = api_for(comfy, path)

@@ -1,0 +1,68 @@
+"""Inputs several nodes share (seed, steps, frame chunking, attention capture/injection) and their conversion."""
+from __future__ import annotations
+
+import comfy.model_management as mm
+import torch
+
+from ..core.attention import SFI_PRESETS
+from . import types
+from .api import io
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+PRESETS = list(SFI_PRESETS)                                # "shallow", "deep"
+ALL_IN_BANK = "all in the bank"
+BANK_STORAGE = ["cpu (fp16)", "compute device (fp16)"]
+
+
+def seed():
+    return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                        tooltip="Noise seed. Noise is drawn on the CPU, so a seed reproduces across hardware.")
+
+
+def steps(default=50, what="sampling", name="steps", tooltip=None):
+    return io.Int.Input(name, default=default, min=1, max=1000,
+                        tooltip=tooltip or f"DDIM {what} steps. Inversion and smoothing must use the same number.")
+
+
+def frame_batch(default=0):
+    return io.Int.Input("frame_batch_size", default=default, min=0, max=1024,
+                        tooltip="Frames per image-UNet call (0 = all frames at once). Lower it to save memory; "
+                                "results do not change.")
+
+
+# ------------------------------------------------------------------ selective feature injection
+def sfi_gamma():
+    return io.Float.Input("sfi_gamma", default=SFI_PRESETS["shallow"][1], min=0.0, max=1.0, step=0.05,
+                          tooltip="Selective Feature Injection blend gamma (EVS Eq. 11): the share of the inversion's "
+                                  "queries; keys and values always come from the inversion. The paper's points: 0.5 "
+                                  "with 'shallow' layers, 0.8 with 'deep'. Higher keeps more of the source video.")
+
+
+def sfi_layers(options=PRESETS, default="shallow"):
+    return io.Combo.Input("sfi_layers", options=list(options), default=default,
+                          tooltip="Attention layers whose features are captured/injected: 'shallow' = the 9 decoder "
+                                  "spatial self-attention layers (up_blocks 1-3), 'deep' = 6 (up_blocks 1-2). Motion "
+                                  "modules are never injected.")
+
+
+def bank_storage():
+    return io.Combo.Input("bank_storage", options=BANK_STORAGE, default=BANK_STORAGE[0],
+                          tooltip="Where captured attention features are kept: CPU memory (default; frees GPU "
+                                  "memory) or the compute device (faster, uses its memory). Always fp16.")
+
+
+def bank_budget():
+    return io.Float.Input("bank_budget_gb", default=8.0, min=0.0, max=1024.0, step=0.5,
+                          tooltip="Largest attention bank allowed, in GiB (0 = no limit). A larger one is refused "
+                                  "before sampling with its size; use fewer layers or steps, or a smaller video.")
+
+
+def attention_bank_input():
+    return types.AttentionBank.Input("attention_bank", optional=True,
+                                     tooltip="Attention features captured by VBDDIMInvert (capture_attention on) or a "
+                                             "block's inversion, injected by Selective Feature Injection.")
+
+
+def storage(choice: str):
+    """(dtype, device) of a ``bank_storage`` choice."""
+    return torch.float16, ("cpu" if choice == BANK_STORAGE[0] else mm.get_torch_device())
