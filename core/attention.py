@@ -248,7 +248,7 @@ def sfi_attention(q: torch.Tensor, q_inv: torch.Tensor, k_inv: torch.Tensor, v_i
 def check_gamma(gamma: float) -> float:
     """Return gamma as a float; ValueError naming gamma, the value and [0, 1] otherwise."""
     if not 0.0 <= float(gamma) <= 1.0:
-        raise ValueError(f"gamma (the share of the inversion's queries, EVS Eq. 11) must be in [0, 1], got {gamma}")
+        raise ValueError(f"sfi_gamma (the share of the inversion's queries, EVS Eq. 11) must be in [0, 1], got {gamma}")
     return float(gamma)
 
 

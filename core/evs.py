@@ -18,6 +18,7 @@ chunked (the image denoiser's ``frame_batch_size``); the video model sees the wh
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -29,6 +30,8 @@ from .attention import AttentionController, FeatureBank, SFI_PRESETS, check_budg
 from .callbacks import NO_CALLBACKS, Callbacks
 from .denoisers import Guidance
 from .samplers import ddim_invert, ddim_sample, initial_noise, predict_clean
+
+log = logging.getLogger(__name__)
 
 BLOCK_MODES = ("sdedit", "inversion_sfi")
 RENOISE = ("initial", "fresh")
@@ -129,6 +132,7 @@ def sfi_invert(video_denoiser, z0: torch.Tensor, grid: Sequence[int], guidance: 
     ctl = AttentionController(layers, bank, "capture", capture_timesteps)
     with video_denoiser.controlled(ctl):
         z = ddim_invert(video_denoiser, z0, grid, guidance, fixed_point_iters=fixed_point_iters, callbacks=callbacks)
+    log.info("captured %r", bank)
     return z, bank
 
 

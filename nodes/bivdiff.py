@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 
 from ..core import bivdiff, evs
-from ..core.attention import FeatureBank, check_budget, estimate_bank_bytes, resolve_layers
+from ..core.attention import FeatureBank, check_budget, check_gamma, estimate_bank_bytes, resolve_layers
 from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, on_schedule, single
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
@@ -354,9 +354,13 @@ class VBVideoDenoise(io.ComfyNode):
         inject = contextlib.nullcontext()
         if attention_bank is not None:
             try:
+                check_gamma(sfi_gamma)
+            except ValueError as e:
+                raise ValueError(f"{node}: {e}") from None
+            try:
                 layers = attention_bank.layers if sfi_layers == widgets.ALL_IN_BANK else \
                     resolve_layers(vm.unet, sfi_layers)
-            except ValueError as e:
+            except ValueError as e:                                      # its message starts with "layers:"
                 raise ValueError(f"{node}: sfi_{e}") from None
             attention_bank.check_compatible(f"{node}: attention_bank", z.shape[2], tuple(z.shape[-2:]), vm.schedule,
                                             layers, grid)

@@ -19,6 +19,11 @@ BLOCK = {"sdedit": "sdedit", "inversion + SFI": "inversion_sfi"}
 RENOISE = {"initial noise": "initial", "fresh noise": "fresh"}
 
 
+def _t2v_steps():
+    return widgets.steps(D.t2v_steps, name="t2v_steps",
+                         tooltip="T_V: size of the T2V grid (8 for AnimateDiff-Lightning 8-step).")
+
+
 def _t_v():
     return io.Int.Input("t_V", default=D.t_V, min=0, max=999,
                         tooltip="T2V timestep the block starts from; must be on the T2V grid (8-step trailing: 999, "
@@ -46,6 +51,11 @@ def _fixed_point():
                                 "exact (2-3 suffice); 0 = plain DDIM inversion.")
 
 
+def _named(node: str, e: ValueError) -> ValueError:
+    """The error with the node's name in front (once)."""
+    return ValueError(str(e) if str(e).startswith(node) else f"{node}: {e}")
+
+
 def _check_image_model(node: str, image_model) -> None:
     if image_model.model.variant != "base":
         raise ValueError(f"{node}: image_model: EVS refines with a base SD1.5 text-to-image model (4-channel UNet); "
@@ -70,8 +80,7 @@ class VBEncapsulatedT2V(io.ComfyNode):
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt (only used with cfg > 1)."),
                 widgets.seed(),
-                widgets.steps(D.t2v_steps, name="t2v_steps",
-                              tooltip="T_V: size of the T2V grid (8 for AnimateDiff-Lightning 8-step)."),
+                _t2v_steps(),
                 _t_v(),
                 _n_v(),
                 io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1,
@@ -107,7 +116,7 @@ class VBEncapsulatedT2V(io.ComfyNode):
         try:
             grid_v = evs.check_block(denoiser, z.shape, params, node)
         except ValueError as e:
-            raise ValueError(str(e) if str(e).startswith(node) else f"{node}: {e}") from None
+            raise _named(node, e) from None
         inversion = len(grid_v) * (1 + fixed_point_iterations) if params.block == "inversion_sfi" else 0
         progress = runtime.Progress(n_V + inversion)
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
@@ -120,7 +129,7 @@ class VBEncapsulatedT2V(io.ComfyNode):
                                 fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
                                 callbacks=progress.callbacks)
         except ValueError as e:
-            raise ValueError(f"{node}: {e}") from None
+            raise _named(node, e) from None
         return io.NodeOutput(runtime.to_latent(out, scale))
 
 
@@ -157,8 +166,7 @@ class VBEVSRefine(io.ComfyNode):
                              tooltip="T2I timestep where the T2V block is encapsulated; must be on the T2I grid "
                                      "below the start (50 steps: ..., 221, 201, 181, ...). Larger gives better "
                                      "imaging but less consistency."),
-                widgets.steps(D.t2v_steps, name="t2v_steps",
-                              tooltip="T_V: size of the T2V grid (8 for AnimateDiff-Lightning 8-step)."),
+                _t2v_steps(),
                 _t_v(),
                 _n_v(),
                 io.Float.Input("t2v_cfg", default=1.0, min=1.0, max=30.0, step=0.1,
@@ -196,7 +204,7 @@ class VBEVSRefine(io.ComfyNode):
         try:                                                            # every setting checked before any work
             grid_v = evs.plan(image, video, (1, 4, n, H // 8, W // 8), params, node)[-1]
         except ValueError as e:
-            raise ValueError(str(e) if str(e).startswith(node) else f"{node}: {e}") from None
+            raise _named(node, e) from None
         chunks = -(-n // 8)
         progress = runtime.Progress(evs.unet_calls(params, grid_v) + 2 * chunks)
         cb = progress.callbacks

@@ -158,11 +158,7 @@ attention bank storage and budget."""
 def evs_refine_lightning():
     stem = "evs_refine_animatediff_lightning"
     nodes = [
-        (1, "LoadVideo", {"file": INPUT_VIDEO}, {}, "Input video"),
-        (2, "GetVideoComponents", {}, {"video": (1, 0)}, None),
-        (3, "ImageFromBatch", {"batch_index": 0, "length": FRAMES}, {"image": (2, 0)}, f"First {FRAMES} frames"),
-        (4, "ImageScale", {"upscale_method": "bilinear", "width": SIZE, "height": SIZE, "crop": "center"},
-         {"image": (3, 0)}, f"Resize to {SIZE}x{SIZE}"),
+        *VIDEO_IN,
         (5, "VBLoadImageModel", {"model_name": BASE}, {}, "SD1.5 checkpoint (T2I)"),
         (6, "VBLoadVideoModel", {"model_name": LIGHTNING, "sampling": "Lightning (trailing grid)"},
          {"image_model": (5, 0)}, "AnimateDiff-Lightning 8-step (T2V)"),

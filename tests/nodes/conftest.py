@@ -31,3 +31,19 @@ def comfy_env(tmp_path_factory):
     ensure_standins(str(models))
     nodes = importlib.import_module("videobridge.nodes")
     return {n.__name__: n for n in nodes.NODES}, str(models)
+
+
+@pytest.fixture(scope="module")
+def N(comfy_env):
+    """The pack's node classes by id."""
+    return comfy_env[0]
+
+
+@pytest.fixture(scope="module")
+def base(N):
+    """The SD1.5 stand-in loaded by VBLoadImageModel."""
+    import torch
+
+    with torch.inference_mode():
+        return N["VBLoadImageModel"].execute(model_name="v1-5-pruned-emaonly.safetensors", dtype="auto",
+                                             vae_dtype="auto").result[0]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from .test_nodes import BASE, INPAINT, MOTION, N, base, invert, run, video  # noqa: F401  (fixtures)
+from .test_nodes import INPAINT, MOTION, invert, run, video
 
 FRAMES, SIZE = 4, 64
 SFI = "deep"            # the smoke-run stand-ins have no attention at full resolution (up_blocks.3), so no 'shallow'
@@ -66,7 +66,7 @@ def test_refine_refuses_bad_settings_before_any_sampling(N, base, lightning, com
     cases = [(dict(t_T2V=200), r"VBEVSRefine: t_T2V = 200 .*choose one of"),
              (dict(t_V=500), r"VBEVSRefine: t_V = 500 .*\[999, 874"),
              (dict(n_V=7), r"n_V = 7 .*1\.\.4"),
-             (dict(sfi_gamma=1.5), "gamma"),
+             (dict(sfi_gamma=1.5), r"VBEVSRefine: sfi_gamma .* got 1\.5"),
              (dict(block="inversion + SFI", bank_budget_gb=1e-6), r"VBEVSRefine: the attention bank would hold .*GiB"),
              (dict(image_model=inp), "image_model.*inpainting")]
     try:
@@ -122,6 +122,8 @@ def test_bank_from_ddim_invert_is_injected_by_video_denoise_and_encapsulated_blo
                  custom_layers="up_blocks.1.attentions.0.transformer_blocks.0.attn1")
     with pytest.raises(ValueError, match="VBVideoDenoise: attention_bank.*no features"):
         run(N["VBVideoDenoise"], **smooth, attention_bank=one, sfi_gamma=0.8, sfi_layers="deep")
+    with pytest.raises(ValueError, match=r"VBVideoDenoise: sfi_gamma .* got 1\.2"):
+        run(N["VBVideoDenoise"], **smooth, attention_bank=bank, sfi_gamma=1.2, sfi_layers="all in the bank")
     # the block injects an external bank too (SDEdit mode), and refuses one from another clip
     out = block(N, lightning, lat, attention_bank=bank, sfi_layers="deep", t_V=999, n_V=8)
     assert torch.isfinite(out["samples"]).all()

@@ -18,16 +18,6 @@ def run(node, **kw):
 
 
 @pytest.fixture(scope="module")
-def N(comfy_env):
-    return comfy_env[0]
-
-
-@pytest.fixture(scope="module")
-def base(N):
-    return run(N["VBLoadImageModel"], model_name=BASE, dtype="auto", vae_dtype="auto")[0]
-
-
-@pytest.fixture(scope="module")
 def zeroscope(N):
     return run(N["VBLoadVideoModel"], model_name=ZEROSCOPE, dtype="auto", sampling="model default (DDIM)")[0]
 
