@@ -347,15 +347,16 @@ def attention_control(unet: torch.nn.Module, controller: AttentionController):
     for the duration of the block; every other layer keeps its processor object. The original processor objects
     are always restored, also after an exception or an interrupt (Cancel), and ``controller.context`` is cleared.
 
-    Raises ValueError for a layer the UNet lacks, a temporal layer, or a layer whose attention uses group/spatial
-    norms or fused QKV projections (this processor does not implement them).
+    Raises ValueError for a layer the UNet lacks, a temporal layer, or a layer whose attention uses group/spatial/QK
+    norms or fused QKV projections (this processor does not implement them; SD1.5-family UNets use none).
     """
     names = resolve_layers(unet, controller.layers)
     for n in names:
         attn = _module(unet, n)
-        if attn.group_norm is not None or attn.spatial_norm is not None or getattr(attn, "fused_projections", False):
-            raise ValueError(f"layers: {n} uses group/spatial norm or fused QKV projections; unfuse the projections "
-                             "(no fuse_qkv_projections while attention control is active)")
+        if attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_q is not None \
+                or attn.norm_k is not None or getattr(attn, "fused_projections", False):
+            raise ValueError(f"layers: {n} uses group/spatial/QK norms or fused QKV projections, which the controlled "
+                             "processor does not implement (no fuse_qkv_projections while attention control is on)")
     old = dict(unet.attn_processors)
     selected = set(names)
     unet.set_attn_processor({k: ControlledAttnProcessor(k[: -len(".processor")], controller)

@@ -260,10 +260,12 @@ def evs_refine(image_denoiser, video_denoiser, z0: torch.Tensor, image_guidance:
     return ddim_sample(image_denoiser, x, after, image_guidance, callbacks=callbacks)
 
 
-def unet_calls(params: EVSParams, grid_v: Sequence[int]) -> int:
-    """The algorithm's minimum number of UNet calls (and progress steps): the T2I steps from t1, one re-evaluation at
-    t_T2V, n_V T2V evaluations, and in "inversion_sfi" mode (1 + fixed_point_iters) per inversion step, one per
-    timestep of ``grid_v`` (the T2V grid from t_V to its end)."""
+def unet_calls(params: EVSParams, grid_v: Sequence[int], per_step: bool = False) -> int:
+    """The algorithm's minimum number of UNet calls: the T2I steps from t1, one re-evaluation at t_T2V, n_V T2V
+    evaluations, and in "inversion_sfi" mode (1 + fixed_point_iters) per inversion step, one step per timestep of
+    ``grid_v`` (the T2V grid from t_V to its end). ``per_step``: count each inversion step once (the progress
+    steps ``evs_refine`` reports; fixed-point iterations belong to their step)."""
     t2i = int(params.t2i_steps * params.s1 + 1e-9)
-    inv = len(grid_v) * (1 + params.fixed_point_iters) if params.block == "inversion_sfi" else 0
+    k = 0 if per_step else params.fixed_point_iters
+    inv = len(grid_v) * (1 + k) if params.block == "inversion_sfi" else 0
     return t2i + 1 + params.n_V + inv

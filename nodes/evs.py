@@ -117,8 +117,7 @@ class VBEncapsulatedT2V(io.ComfyNode):
             grid_v = evs.check_block(denoiser, z.shape, params, node)
         except ValueError as e:
             raise _named(node, e) from None
-        inversion = len(grid_v) * (1 + fixed_point_iterations) if params.block == "inversion_sfi" else 0
-        progress = runtime.Progress(n_V + inversion)
+        progress = runtime.Progress(n_V + (len(grid_v) if params.block == "inversion_sfi" else 0))
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
         device = runtime.load(video_model.unet)
         z = z.to(device)
@@ -206,7 +205,7 @@ class VBEVSRefine(io.ComfyNode):
         except ValueError as e:
             raise _named(node, e) from None
         chunks = -(-n // 8)
-        progress = runtime.Progress(evs.unet_calls(params, grid_v) + 2 * chunks)
+        progress = runtime.Progress(evs.unet_calls(params, grid_v, per_step=True) + 2 * chunks)
         cb = progress.callbacks
         text_i, null_i = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
         text_v, null_v = runtime.encode(video_model, [prompt, ""]).split(1)

@@ -170,3 +170,28 @@ def test_encapsulated_block_modes(N, base, lightning):
     noisy = invert(N, lat, "video model (whole clip)", video_model=lightning, steps=8)
     with pytest.raises(ValueError, match="VBEncapsulatedT2V: latent: it is noisy"):
         block(N, lightning, noisy)
+
+
+@pytest.mark.parametrize("node", ["VBEVSRefine", "VBEncapsulatedT2V"])
+def test_progress_counts_every_step_to_the_end_with_previews(N, base, lightning, node):
+    """The bar reaches exactly its total (fixed-point iterations belong to their inversion step), with previews."""
+    import comfy.cli_args
+    import comfy.utils
+
+    seen, lat = [], encode(N, base)
+    old_hook, old_method = comfy.utils.PROGRESS_BAR_HOOK, comfy.cli_args.args.preview_method
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total,
+                                                                                                    preview)))
+    comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
+    try:
+        if node == "VBEVSRefine":
+            refine(N, base, lightning, block="inversion + SFI", fixed_point_iterations=2)
+            total = 4 + 1 + 2 + 4 + 2                    # T2I steps, re-evaluation, n_V, inversion steps, 2 VAE chunks
+        else:
+            block(N, lightning, lat, block="inversion + SFI", fixed_point_iterations=2, n_V=3)
+            total = 3 + 4
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old_hook)
+        comfy.cli_args.args.preview_method = old_method
+    assert [v for v, _, _ in seen] == list(range(1, total + 1)) and all(t == total for _, t, _ in seen)
+    assert sum(p is not None for _, _, p in seen) >= total - 2          # every sampling step previews
