@@ -239,8 +239,9 @@ class VBDDIMInvert(io.ComfyNode):
             try:
                 layers = resolve_layers(denoiser.unet, custom_layers if capture_attention == "custom"
                                         else capture_attention)
-            except ValueError as e:                                      # only custom names can be wrong
-                raise ValueError(f"{node}: custom_{e}") from None
+            except ValueError as e:                                      # its message starts with "layers:"
+                where_from = "custom_" if capture_attention == "custom" else f"capture_attention {capture_attention}: "
+                raise ValueError(f"{node}: {where_from}{e}") from None
             kept = grid[:capture_steps] if capture_steps else grid
             check_budget(estimate_bank_bytes(denoiser.unet, layers, z0.shape[2], tuple(z0.shape[-2:]), len(kept)),
                          bank_budget_gb, node, len(layers), len(kept))

@@ -94,10 +94,11 @@ def test_presets_and_layer_selection():
 
 
 # ------------------------------------------------------------------ capture / inject identities
-@pytest.mark.parametrize("model", ["motion", "unet2d"])
+@pytest.mark.parametrize("model", ["motion", "unet3d", "unet2d"])
 @torch.no_grad()
 def test_injecting_a_bank_captured_from_the_same_input_reproduces_the_output(model):
-    d = VideoDenoiser(tiny.motion_unet(), AD) if model == "motion" else UNet2DDenoiser(tiny.unet2d(), SD)
+    d = {"motion": lambda: VideoDenoiser(tiny.motion_unet(), AD), "unet3d": lambda: VideoDenoiser(tiny.unet3d(), SD),
+         "unet2d": lambda: UNet2DDenoiser(tiny.unet2d(), SD)}[model]()
     x, g = latent(), single(Branch(tiny.text(1)))                          # CFG 1, as the EVS T2V block runs
     ref = d(x, 499, g)
     bank = capture(d, x, 499, g)
