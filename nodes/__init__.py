@@ -6,11 +6,13 @@ register_animatediff_folder()          # before any node lists models/animatedif
 
 from .bivdiff import VBDDIMInvert, VBFramewiseGenerate, VBMixLatents, VBVideoDenoise  # noqa: E402
 from .evs import VBEncapsulatedT2V, VBEVSRefine  # noqa: E402
+from .jvid import VBJVIDSample, VBTemporalLatentSmoothing  # noqa: E402
 from .frames import VBDecodeFrames, VBEncodeFrames  # noqa: E402
 from .loaders import VBLoadControlNet, VBLoadImageModel, VBLoadVideoModel  # noqa: E402
 
 NODES = [VBLoadImageModel, VBLoadControlNet, VBLoadVideoModel, VBEncodeFrames, VBDecodeFrames, VBFramewiseGenerate,
-         VBDDIMInvert, VBMixLatents, VBVideoDenoise, VBEncapsulatedT2V, VBEVSRefine]
+         VBDDIMInvert, VBMixLatents, VBVideoDenoise, VBEncapsulatedT2V, VBEVSRefine,
+         VBJVIDSample, VBTemporalLatentSmoothing]
 
 
 class VideoBridgeExtension(ComfyExtension):

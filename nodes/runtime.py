@@ -131,6 +131,20 @@ class Progress:
         return Callbacks(progress=self._step, interrupt=mm.throw_exception_if_processing_interrupted)
 
 
+def progress_text(text: str) -> None:
+    """Show ``text`` under the running node in the ComfyUI frontend (ComfyUI's progress text; a no-op where the
+    server or the executing context is missing: in-process tests, older ComfyUI)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+
+        ctx = get_executing_context()
+        if ctx is not None and getattr(PromptServer, "instance", None) is not None:
+            PromptServer.instance.send_progress_text(text, ctx.node_id)
+    except (ImportError, AttributeError):
+        pass
+
+
 # ------------------------------------------------------------------ IMAGE / MASK / LATENT
 def image_to_video(images: torch.Tensor, name: str, device) -> torch.Tensor:
     """ComfyUI IMAGE ``[F, H, W, C]`` 0..1 -> core pixels ``[1, 3, F, H, W]`` -1..1 (alpha dropped)."""

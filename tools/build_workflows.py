@@ -181,8 +181,59 @@ def evs_refine_lightning():
         {"layout": layout, "groups": groups}
 
 
+JVID_NOTE = """JVID text-to-video (Reynaud et al.): a mixture of denoisers
+
+One reverse diffusion (DDPM, 50 steps on the video model's grid) that, at every step, runs either the video model
+(for motion) or the SD1.5 image model (for per-frame quality). The probability of a video step, P_V, is 1 at the
+start, falls to p_e at progress t_e, then moves towards p_f. The text output under the sampler lists which model ran
+at each step.
+
+Models (ComfyUI/models/...):
+- checkpoints/{base}: any SD1.5 checkpoint (the image model, and the base of AnimateDiff).
+- {video}
+
+Frame count and size: group 2 (JVID sampler: width, height, frames). Small defaults (8 frames, {size}x{size}); the
+paper uses 16 frames.
+
+Knobs: preset '256' (plain mixture, default), '128' and '64' add entropy reduction (gamma: step-noise scale on image
+steps; r_i, r_v: noise shared by all frames) and temporal latent smoothing (c_s). Try '128' if the video flickers.
+cfg: the paper's 2.0; pretrained SD models often look better at 7-7.5. -1 on a knob = the preset's value.
+Research options (last): gamma_on_all_steps, image_timesteps (nearest or interpolated equal-noise timestep),
+frame_batch_size (memory only)."""
+
+
+def jvid_text_to_video(zeroscope=False):
+    stem = "jvid_text_to_video_zeroscope" if zeroscope else "jvid_text_to_video"
+    if zeroscope:
+        loader = (3, "VBLoadVideoModel", {"model_name": ZEROSCOPE}, {}, "ZeroScope (video model)")
+        video = f"diffusers/{ZEROSCOPE.split('/', 1)[1]}/: the ZeroScope v2 576w diffusers folder (cerspense)."
+    else:
+        loader = (3, "VBLoadVideoModel", {"model_name": MOTION}, {"image_model": (2, 0)}, "AnimateDiff v2 (video model)")
+        video = f"animatediff_models/{MOTION}: the AnimateDiff v2 motion module (guoyww)."
+    nodes = [
+        (1, "Note", {"text": JVID_NOTE.format(base=BASE, video=video, size=SIZE)}, {}, "What this workflow does"),
+        (2, "VBLoadImageModel", {"model_name": BASE}, {}, "SD1.5 checkpoint (image model)"),
+        loader,
+        (4, "VBJVIDSample", {"prompt": FOX, "video_prompt": "", "negative_prompt": "", "seed": 0, "width": SIZE,
+                             "height": SIZE, "frames": FRAMES, "steps": 50, "cfg": 2.0, "preset": "256"},
+         {"image_model": (2, 0), "video_model": (3, 0)}, "JVID sampler (mixture of denoisers)"),
+        (5, "PreviewAny", {}, {"source": (4, 1)}, "Which model ran at each step"),
+        (6, "VBDecodeFrames", {}, {"image_model": (2, 0), "latent": (4, 0)}, None),
+        (7, "CreateVideo", {"fps": 8.0}, {"images": (6, 0)}, None),
+        (8, "SaveVideo", {"filename_prefix": f"videobridge/{stem}", "format": "auto", "codec": "auto"},
+         {"video": (7, 0)}, "Generated video"),
+    ]
+    layout = {1: (40, 110, 440, 720), 2: (540, 140, None, None), 3: (540, 360, None, None),
+              4: (960, 140, 400, None), 5: (960, 1000, 400, 300),
+              6: (1440, 140, None, None), 7: (1440, 340, None, None), 8: (1440, 580, None, None)}
+    groups = [("1 · Models", [2, 3]), ("2 · JVID sampler: size, frames", [4, 5]),
+              ("3 · Decode and save", [6, 7, 8])]
+    title = f"JVID text-to-video: SD1.5 + {'ZeroScope' if zeroscope else 'AnimateDiff'} as a mixture of denoisers"
+    return stem, title, nodes, {"layout": layout, "groups": groups}
+
+
 SPECS = [controlnet_zeroscope, ip2p_animatediff, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
-         evs_refine_lightning]
+         evs_refine_lightning, jvid_text_to_video, lambda: jvid_text_to_video(zeroscope=True)]
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 LOAD_VIDEO_HEIGHT = 460        # LoadVideo and SaveVideo grow to about this once their video preview loads
