@@ -63,3 +63,40 @@ def test_bad_inputs_name_the_knob(N, base, animatediff):
             sample(N, base, animatediff, **kw)
     with pytest.raises(ValueError, match="c_s"):
         run(N["VBTemporalLatentSmoothing"], latent={"samples": torch.zeros(2, 4, 8, 8)}, c_s=0.0)
+
+
+def test_latents_of_another_space_are_refused(N, base, comfy_env):
+    import copy
+    import dataclasses
+
+    from videobridge.nodes.runtime import VideoHandle
+
+    zs = run(N["VBLoadVideoModel"], model_name=ZEROSCOPE, dtype="auto", sampling="model default (DDIM)")[0]
+    vae = copy.deepcopy(zs.model.vae)
+    vae.register_to_config(scaling_factor=0.13025)                       # an SDXL-style latent scale
+    other = VideoHandle(dataclasses.replace(zs.model, vae=vae))
+    with pytest.raises(ValueError, match="VBJVIDSample: video_model: its latents .*0.13025"):
+        sample(N, base, other)
+
+
+def test_the_model_of_each_step_is_shown_while_sampling(N, base, animatediff, monkeypatch):
+    """Progress text goes to ComfyUI's PromptServer (``send_progress_text(text, node_id)``, ComfyUI >= 0.3.4x) for the
+    executing node, one message per step plus a summary. The server module is stubbed: importing the real one here
+    would start ComfyUI's web app."""
+    import sys
+    import types
+
+    from comfy_execution.utils import CurrentNodeContext
+
+    sent = []
+
+    class PromptServer:
+        def send_progress_text(self, text, node_id, sid=None):
+            sent.append((node_id, text))
+
+    PromptServer.instance = PromptServer()
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=PromptServer))
+    with CurrentNodeContext("prompt-1", "17"):
+        _, table = sample(N, base, animatediff)
+    assert len(sent) == 7 and all(node == "17" for node, _ in sent)
+    assert sent[0][1].startswith("step 1/6 (t = 831): video model") and sent[-1][1] == table.splitlines()[0]
