@@ -159,3 +159,24 @@ def test_cancel_in_the_middle_of_sampling(comfy):
     # the same graph runs to completion afterwards: nothing was left patched or half-loaded
     _, api = api_for(comfy, path, steps=2)
     assert comfy.run(api, timeout=900)["status"]["status_str"] == "success"
+
+
+def test_evs_workflow_with_selective_feature_injection_then_without(comfy):
+    """The EVS graph with the inversion + SFI block ('deep': the stand-ins have no full-resolution attention) runs in
+    the server, gives another video than the SDEdit block, and the cached video model is left unpatched for the next
+    prompt (the SDEdit run afterwards reproduces the first SDEdit run exactly)."""
+    path = os.path.join(ROOT, "workflows", "evs_refine_animatediff_lightning.json")
+
+    def run(**refine):
+        _, api = api_for(comfy, path)
+        key = next(k for k, n in api.items() if n["class_type"] == "VBEVSRefine")
+        api[key]["inputs"].update(t2i_steps=10, **refine)
+        entry = comfy.run(api, timeout=900)
+        cached = [m[1].get("nodes", []) for m in entry["status"]["messages"] if m[0] == "execution_cached"]
+        assert key not in sum(cached, []), "VBEVSRefine was not executed again"
+        return np.asarray(read_video(next(f for f in comfy.output_paths(entry) if f.endswith(".mp4"))))
+
+    plain = run()
+    sfi = run(block="inversion + SFI", sfi_layers="deep", sfi_gamma=0.8)
+    assert sfi.shape == plain.shape and np.abs(sfi.astype(int) - plain.astype(int)).max() > 0
+    assert np.array_equal(run(), plain)
