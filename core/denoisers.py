@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention import CallContext, attention_control
+from .attention import CallContext, attention_control, estimate_bank_bytes, resolve_layers
 from .schedule import NoiseSchedule, Timestep
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,18 @@ def _module_device(m: torch.nn.Module) -> torch.device:
 
 
 class _Controllable:
-    """Attention control for denoisers that wrap a diffusers UNet (``self.unet``)."""
+    """Attention control for denoisers that wrap a diffusers UNet (``self.unet``). Methods that capture or inject
+    features use only these three calls, so another backend provides the same three."""
     controller = None
+
+    def attention_layers(self, layers) -> tuple:
+        """The controllable layer names of a preset or an explicit list (``core.attention.resolve_layers``)."""
+        return resolve_layers(self.unet, layers)
+
+    def bank_bytes(self, layers, num_frames: int, latent_hw: tuple, num_steps: int,
+                   dtype: torch.dtype = torch.float16) -> int:
+        """Bytes a Q/K/V bank of ``layers`` would hold (``core.attention.estimate_bank_bytes``)."""
+        return estimate_bank_bytes(self.unet, layers, num_frames, latent_hw, num_steps, dtype)
 
     @contextlib.contextmanager
     def controlled(self, controller):
@@ -256,6 +266,12 @@ class MappedDenoiser:
     def controlled(self, controller):
         """Attention control of the wrapped denoiser (``_Controllable.controlled``)."""
         return self.inner.controlled(controller)
+
+    def attention_layers(self, layers) -> tuple:
+        return self.inner.attention_layers(layers)
+
+    def bank_bytes(self, *args, **kwargs) -> int:
+        return self.inner.bank_bytes(*args, **kwargs)
 
     @property
     def calls(self):

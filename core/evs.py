@@ -25,8 +25,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionController, FeatureBank, SFI_PRESETS, check_budget, check_gamma, \
-    estimate_bank_bytes, resolve_layers
+from .attention import AttentionController, FeatureBank, SFI_PRESETS, check_budget, check_gamma
 from .callbacks import NO_CALLBACKS, Callbacks
 from .denoisers import Guidance
 from .samplers import ddim_invert, ddim_sample, initial_noise, predict_clean
@@ -127,7 +126,7 @@ def sfi_invert(video_denoiser, z0: torch.Tensor, grid: Sequence[int], guidance: 
     """DDIM inversion of ``z0`` up to ``grid[0]`` (§1.6) that captures Q/K/V of ``layers`` at
     ``capture_timesteps`` (the steps that will be injected; EVS §3.3 SFI step 1-2). With fixed-point iterations the
     last iterate's features stay. Returns ``(z_T, FeatureBank)``."""
-    layers = resolve_layers(video_denoiser.unet, layers)
+    layers = video_denoiser.attention_layers(layers)
     bank = FeatureBank(z0.shape[2], tuple(z0.shape[-2:]), video_denoiser.schedule, bank_dtype, bank_device)
     ctl = AttentionController(layers, bank, "capture", capture_timesteps)
     with video_denoiser.controlled(ctl):
@@ -139,7 +138,7 @@ def sfi_invert(video_denoiser, z0: torch.Tensor, grid: Sequence[int], guidance: 
 def injecting(video_denoiser, bank: FeatureBank, layers, gamma: float):
     """Context manager: the denoiser's ``layers`` compute Eq. 11 from ``bank`` at every timestep the bank holds
     (``sfi_attention``); other calls run unchanged. Restores the processors on exit."""
-    return video_denoiser.controlled(AttentionController(resolve_layers(video_denoiser.unet, layers), bank,
+    return video_denoiser.controlled(AttentionController(video_denoiser.attention_layers(layers), bank,
                                                          "inject", gamma=gamma))
 
 
@@ -171,7 +170,7 @@ def t2v_block(video_denoiser, z_i: torch.Tensor, grid_v: Sequence[int], n_V: int
         raise ValueError(f"block mode must be one of {BLOCK_MODES}, got {mode!r}")
     steps = list(grid_v[:n_V])
     uses_sfi = bank is not None or mode == "inversion_sfi"
-    layers = resolve_layers(video_denoiser.unet, sfi_layers) if uses_sfi and sfi_layers is not None else None
+    layers = video_denoiser.attention_layers(sfi_layers) if uses_sfi and sfi_layers is not None else None
     if bank is not None:
         layers = layers or bank.layers
         bank.check_compatible("attention_bank", z_i.shape[2], tuple(z_i.shape[-2:]), video_denoiser.schedule,
@@ -199,9 +198,8 @@ def block_bank_bytes(video_denoiser, z_shape: Sequence[int], params: EVSParams) 
     """Bytes the block's own SFI bank will hold (0 in "sdedit" mode): Q/K/V of the layers over n_V steps."""
     if params.block != "inversion_sfi":
         return 0
-    layers = resolve_layers(video_denoiser.unet, params.sfi_layers)
-    return estimate_bank_bytes(video_denoiser.unet, layers, z_shape[2], tuple(z_shape[-2:]), params.n_V,
-                               params.bank_dtype)
+    layers = video_denoiser.attention_layers(params.sfi_layers)
+    return video_denoiser.bank_bytes(layers, z_shape[2], tuple(z_shape[-2:]), params.n_V, params.bank_dtype)
 
 
 def check_block(video_denoiser, z_shape: Sequence[int], params: EVSParams, what: str = "EVS") -> list:
@@ -214,7 +212,7 @@ def check_block(video_denoiser, z_shape: Sequence[int], params: EVSParams, what:
     nbytes = block_bank_bytes(video_denoiser, z_shape, params)
     if nbytes:
         check_budget(nbytes, params.bank_budget_gib, what,
-                     len(resolve_layers(video_denoiser.unet, params.sfi_layers)), params.n_V)
+                     len(video_denoiser.attention_layers(params.sfi_layers)), params.n_V)
     return grid_v
 
 

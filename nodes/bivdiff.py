@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 
 from ..core import bivdiff, evs
-from ..core.attention import FeatureBank, check_budget, check_gamma, estimate_bank_bytes, resolve_layers
+from ..core.attention import FeatureBank, check_budget, check_gamma
 from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, on_schedule, single
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
@@ -237,13 +237,13 @@ class VBDDIMInvert(io.ComfyNode):
                             legacy_grid=legacy_grid, callbacks=progress.callbacks)
         else:
             try:
-                layers = resolve_layers(denoiser.unet, custom_layers if capture_attention == "custom"
-                                        else capture_attention)
+                layers = denoiser.attention_layers(custom_layers if capture_attention == "custom"
+                                                   else capture_attention)
             except ValueError as e:                                      # its message starts with "layers:"
                 where_from = "custom_" if capture_attention == "custom" else f"capture_attention {capture_attention}: "
                 raise ValueError(f"{node}: {where_from}{e}") from None
             kept = grid[:capture_steps] if capture_steps else grid
-            check_budget(estimate_bank_bytes(denoiser.unet, layers, z0.shape[2], tuple(z0.shape[-2:]), len(kept)),
+            check_budget(denoiser.bank_bytes(layers, z0.shape[2], tuple(z0.shape[-2:]), len(kept)),
                          bank_budget_gb, node, len(layers), len(kept))
             z, bank = evs.sfi_invert(denoiser, z0, grid, guidance, layers, kept,
                                      fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
@@ -360,7 +360,7 @@ class VBVideoDenoise(io.ComfyNode):
                 raise ValueError(f"{node}: {e}") from None
             try:
                 layers = attention_bank.layers if sfi_layers == widgets.ALL_IN_BANK else \
-                    resolve_layers(vm.unet, sfi_layers)
+                    denoiser.attention_layers(sfi_layers)
             except ValueError as e:                                      # its message starts with "layers:"
                 raise ValueError(f"{node}: sfi_{e}") from None
             attention_bank.check_compatible(f"{node}: attention_bank", z.shape[2], tuple(z.shape[-2:]), vm.schedule,
