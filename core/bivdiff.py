@@ -53,13 +53,14 @@ def inpaint_concat(vae, pixels: torch.Tensor, mask: torch.Tensor, chunk: int = 8
     """The extra UNet input of SD-inpainting: ``[1, 5, F, h, w]`` = [mask at latent size (nearest);
     0.18215 * mean(E(V * (M < 0.5)))] (METHODS.md §2.2, MODELS.md §3.3; diffusers StableDiffusionInpaintPipeline).
 
-    pixels: ``[1, 3, F, H, W]`` in -1..1; mask: ``[F, H, W]`` or ``[1, H, W]`` in 0..1, 1 = repaint.
+    pixels: ``[1, 3, F, H, W]`` in -1..1; mask: ``[F, H, W]`` or ``[1, H, W]`` in 0..1, 1 = repaint; soft masks are
+    binarised at 0.5 (diffusers' ``prepare_mask_and_masked_image``).
     Raises ValueError when the mask's frame count or size does not match the video.
     """
     n, (H, W) = pixels.shape[2], pixels.shape[-2:]
     if mask.dim() != 3 or tuple(mask.shape[-2:]) != (H, W):
         raise ValueError(f"mask: expected [F, {H}, {W}] to match the video, got {tuple(mask.shape)}")
-    mask = broadcast_frames("mask", mask.float(), n).to(pixels.device)
+    mask = broadcast_frames("mask", (mask >= 0.5).float(), n).to(pixels.device)       # binarised as diffusers does
     masked = pixels * (mask < 0.5).to(pixels.dtype)[None, None]
     z = encode_video(vae, masked, chunk=chunk, callbacks=callbacks)
     m = F.interpolate(mask[:, None], size=z.shape[-2:], mode="nearest")           # [F, 1, h, w]

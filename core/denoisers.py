@@ -98,12 +98,20 @@ def _timestep_tensor(t: Timestep, n: int, device) -> torch.Tensor:
     return torch.full((n,), float(t), dtype=torch.float32, device=device)
 
 
-def _combine(eps: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-    """eps: [K, ...] float32 -> sum_k w_k eps_k [1, ...]."""
-    if len(weights) == 1:
-        return eps[:1] * weights[0] if weights[0] != 1.0 else eps[:1]
-    w = torch.tensor(weights, dtype=eps.dtype, device=eps.device).view(-1, *([1] * (eps.dim() - 1)))
-    return (eps * w).sum(0, keepdim=True)
+def _combine(eps: torch.Tensor, g: Guidance) -> torch.Tensor:
+    """eps: [K, ...] float32 -> the guided prediction [1, ...], ``sum_k w_k eps_k``. Classifier-free guidance and
+    InstructPix2Pix guidance are evaluated in the official order (``u + g (c - u)``; ``e0 + s_t (e_TI - e_I) +
+    s_i (e_I - e0)``), which equals the weighted sum mathematically and matches the reference code's rounding."""
+    roles, w = tuple(b.role for b in g.branches), g.weights
+    if roles == ("uncond", "cond"):
+        return eps[:1] + w[1] * (eps[1:2] - eps[:1])
+    if roles == ("cond", "image_cond", "uncond"):
+        s_t, s_i = w[0], w[0] + w[1]
+        return eps[2:3] + s_t * (eps[:1] - eps[1:2]) + s_i * (eps[1:2] - eps[2:3])
+    if len(w) == 1:
+        return eps[:1] * w[0] if w[0] != 1.0 else eps[:1]
+    weights = torch.tensor(w, dtype=eps.dtype, device=eps.device).view(-1, *([1] * (eps.dim() - 1)))
+    return (eps * weights).sum(0, keepdim=True)
 
 
 def tell(controller, step: Optional[int], t: Timestep, g: Guidance, start: int, nf: int, n_frames: int) -> None:
@@ -207,7 +215,7 @@ class UNet2DDenoiser(_Controllable):
             eps = unet(sample, ts, encoder_hidden_states=ctx, return_dict=False, **kwargs)[0]
         self.calls += 1
         eps = rearrange(eps.float(), "(k f) c h w -> k c f h w", k=K)
-        return _combine(eps, g.weights)
+        return _combine(eps, g)
 
 
 class VideoDenoiser(_Controllable):
@@ -242,7 +250,7 @@ class VideoDenoiser(_Controllable):
         tell(self.controller, step, t, g, 0, nf, nf)
         eps = unet(sample, _timestep_tensor(t, K, device), encoder_hidden_states=ctx, return_dict=False)[0]
         self.calls += 1
-        return _combine(eps.float(), g.weights)
+        return _combine(eps.float(), g)
 
 
 class MappedDenoiser:

@@ -85,6 +85,13 @@ def check_pixels(name: str, pixels: torch.Tensor) -> None:
     check_size(name, pixels.shape[-2], pixels.shape[-1])
 
 
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Raise ValueError naming input ``name`` when ``x`` holds NaN or inf (before any model sees it)."""
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: contains NaN or inf values ({bad} of {x.numel()}); check the node that made it")
+
+
 def check_size(name: str, height: int, width: int, multiple: int = 8) -> None:
     """Raise ValueError unless height and width are positive multiples of ``multiple`` (the VAE needs 8)."""
     if height <= 0 or width <= 0 or height % multiple or width % multiple:

@@ -131,7 +131,8 @@ def read_state_dict(path: str) -> dict:
     Formats: ``.safetensors`` (safetensors), ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` (``torch.load`` with
     ``weights_only=True``; pytorch_lightning callback objects pickled in original SD ``.ckpt`` files are read as
     inert stubs). Nested ``"state_dict"`` entries are unwrapped, non-tensor entries (``global_step`` ...) dropped.
-    Raises ``FileNotFoundError`` naming the path when it does not exist, ``ValueError`` for unreadable files.
+    Raises ``FileNotFoundError`` naming the path when it does not exist, ``ValueError`` naming the file, its folder
+    and the fix ("download it again") for unreadable, truncated or empty files.
     Source: diffusers ``load_single_file_checkpoint`` (same unwrapping), without its Hub fallback.
     """
     path = os.fspath(path)
@@ -149,8 +150,9 @@ def read_state_dict(path: str) -> dict:
             except pickle.UnpicklingError:
                 with torch.serialization.safe_globals(_pickle_stubs()):
                     sd = torch.load(path, map_location="cpu", weights_only=True, **kw)
-    except (OSError, RuntimeError, pickle.UnpicklingError, ValueError) as e:
-        raise ValueError(f"could not read weights file '{name}' ({path}): {type(e).__name__}: {e}") from e
+    except Exception as e:                      # SafetensorError, UnpicklingError, zip/EOF errors, ...
+        raise ValueError(f"'{name}' in {os.path.dirname(os.path.abspath(path))} is incomplete or not a model; "
+                         f"download it again ({type(e).__name__}: {str(e)[:200]})") from e
     while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

@@ -55,7 +55,8 @@ class VBFramewiseGenerate(io.ComfyNode):
                 io.Int.Input("height", default=256, min=8, max=4096, step=8,
                              tooltip="Height for text-only generation (otherwise the input frames' size)."),
                 io.Int.Input("frames", default=8, min=1, max=4096,
-                             tooltip="Frame count for text-only generation (otherwise the input frames' count)."),
+                             tooltip="Frame count for text-only generation or a single hint image (otherwise the "
+                                     "input frames' count)."),
                 io.Float.Input("control_strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="ControlNet conditioning scale (ControlNet only)."),
                 io.Float.Input("image_guidance", default=bivdiff.DEFAULT_IMAGE_GUIDANCE, min=0.0, max=10.0,
@@ -84,8 +85,8 @@ class VBFramewiseGenerate(io.ComfyNode):
         _check_task_inputs(m.variant, task, controlnet, hints, images, mask)
         if images is not None:
             n, H, W = images.shape[0], images.shape[1], images.shape[2]
-        elif hints is not None:
-            n, H, W = hints.shape[0], hints.shape[1], hints.shape[2]
+        elif hints is not None:                                         # one hint for all: the frames widget
+            n, H, W = (hints.shape[0] if hints.shape[0] > 1 else frames), hints.shape[1], hints.shape[2]
         else:
             n, H, W = frames, height, width
         check_size("images" if images is not None else ("hints" if hints is not None else "width/height"), H, W)
@@ -132,6 +133,9 @@ def _check_task_inputs(variant, task, controlnet, hints, images, mask):
                              "the video to edit")
         if controlnet is not None:
             raise ValueError("VBFramewiseGenerate: controlnet: ControlNet with InstructPix2Pix is not supported")
+        if mask is not None:
+            raise ValueError("VBFramewiseGenerate: mask: an InstructPix2Pix model takes no mask; disconnect it "
+                             "(masked repainting needs an SD inpainting model)")
     if task == "inpaint" and (images is None or mask is None):
         raise ValueError("VBFramewiseGenerate: images and mask: an inpainting model needs the source frames and a "
                          "MASK (1 = repaint)" + (" — the mask is missing" if images is not None else ""))
@@ -159,8 +163,11 @@ class VBDDIMInvert(io.ComfyNode):
                                         "official code used the negative prompt."),
                 widgets.steps(what="inversion"),
                 io.Int.Input("fixed_point_iterations", default=0, min=0, max=10,
-                             tooltip="Extra UNet calls per step that make the inversion exact for its own prompt "
-                                     "(2-3 suffice); 0 is plain DDIM inversion as in BIVDiff."),
+                             tooltip="Extra UNet calls per step that solve the implicit DDIM equation, so sampling "
+                                     "with the same prompt returns to the input. Measured on tiny models: 3 iterations "
+                                     "cut the round-trip error from 0.11 to 5e-4 when the model is smooth in its "
+                                     "input; on rough models it may not converge. 0 is plain DDIM inversion as in "
+                                     "BIVDiff."),
                 widgets.frame_batch(),
                 io.Boolean.Input("legacy_grid", default=False,
                                  tooltip="Parity with the official BIVDiff code: ends at timestep 998 instead of the "
@@ -318,7 +325,8 @@ class VBVideoDenoise(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="", tooltip="Video prompt P* (the VDM's prompt)."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt (unconditional branch)."),
-                widgets.seed(),
+                widgets.seed("SDEdit noise seed for a clean latent (drawn on the CPU, so it reproduces across hardware). "
+                             "Unused for an inverted latent: smoothing from it is deterministic."),
                 widgets.steps(),
                 io.Float.Input("cfg", default=bivdiff.DEFAULT_CFG, min=1.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance scale (1 for AnimateDiff-Lightning)."),

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 
 from ..core.callbacks import Callbacks
-from ..core.latents import check_frames, check_size
+from ..core.latents import check_finite, check_frames, check_size
 from ..core.models import ImageModel, VideoModel
 from ..core.schedule import NoiseSchedule
 
@@ -153,6 +153,7 @@ def image_to_video(images: torch.Tensor, name: str, device) -> torch.Tensor:
                          f"{tuple(images.shape)}")
     check_frames(name, images.shape[0])
     check_size(name, images.shape[1], images.shape[2])
+    check_finite(name, images)
     x = images[..., :3].to(device, torch.float32) * 2 - 1
     return rearrange(x, "f h w c -> 1 c f h w")
 
@@ -171,6 +172,7 @@ def hints_to_core(images: torch.Tensor, name: str, frames: int, size) -> torch.T
     if tuple(images.shape[1:3]) != tuple(size):
         raise ValueError(f"{name}: frames are {images.shape[2]}x{images.shape[1]} but the video is "
                          f"{size[1]}x{size[0]}; resize them to the same size")
+    check_finite(name, images)
     return images[..., :3].movedim(-1, 1).float().expand(frames, -1, -1, -1)
 
 
@@ -183,6 +185,7 @@ def mask_to_core(mask: torch.Tensor, name: str, frames: int, size) -> torch.Tens
     check_frames(name, mask.shape[0], frames)
     if tuple(mask.shape[1:]) != tuple(size):
         raise ValueError(f"{name}: mask is {mask.shape[2]}x{mask.shape[1]} but the video is {size[1]}x{size[0]}")
+    check_finite(name, mask)
     return mask.float().expand(frames, -1, -1)
 
 
@@ -212,6 +215,9 @@ def from_latent(latent: dict, name: str, scale: float, device) -> torch.Tensor:
     if s.dim() != 4 or s.shape[1] != 4:
         raise ValueError(f"{name}: expected SD latents [frames, 4, h, w], got shape {tuple(s.shape)}")
     check_frames(name, s.shape[0])
+    if s.numel() == 0:
+        raise ValueError(f"{name}: the latent is empty (shape {tuple(s.shape)}); connect a latent with frames")
+    check_finite(name, s)
     return rearrange(s.to(device, torch.float32) * scale, "f c h w -> 1 c f h w")
 
 

@@ -14,9 +14,8 @@ ALL_IN_BANK = "all in the bank"
 BANK_STORAGE = ["cpu (fp16)", "compute device (fp16)"]
 
 
-def seed():
-    return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
-                        tooltip="Noise seed. Noise is drawn on the CPU, so a seed reproduces across hardware.")
+def seed(tooltip="Noise seed. Noise is drawn on the CPU, so a seed reproduces across hardware."):
+    return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True, tooltip=tooltip)
 
 
 def steps(default=50, what="sampling", name="steps", tooltip=None):

@@ -122,3 +122,19 @@ def test_mapped_denoiser_calls_inner_at_equal_alpha_bar():
 def test_guidance_needs_a_weight_per_branch():
     with pytest.raises(ValueError):
         Guidance([Branch(tiny.text(0))], [0.5, 0.5])
+
+
+@torch.no_grad()
+def test_guidance_is_combined_in_the_official_order_bit_for_bit():
+    """u + g (c - u) and e0 + s_t (e_TI - e_I) + s_i (e_I - e0), as diffusers' pipelines and the official code write
+    them (a weighted sum is equal mathematically but rounds differently)."""
+    unet = tiny.unet2d()
+    d, x, c, u = UNet2DDenoiser(unet, SD), latent(), tiny.text(1), tiny.text(2)
+    ec, eu = d(x, 501, single(Branch(c))), d(x, 501, single(Branch(u)))
+    assert torch.equal(d(x, 501, cfg(Branch(c), Branch(u), 7.5)), eu + 7.5 * (ec - eu))
+    ip = UNet2DDenoiser(tiny.unet2d(in_channels=8), SD)
+    img = latent(seed=3)
+    e_ti = ip(x, 301, single(Branch(c, img)))
+    e_i = ip(x, 301, single(Branch(u, img)))
+    e_0 = ip(x, 301, single(Branch(u, torch.zeros_like(img))))
+    assert torch.equal(ip(x, 301, ip2p(c, u, img, 7.5, 1.5)), e_0 + 7.5 * (e_ti - e_i) + 1.5 * (e_i - e_0))
