@@ -31,20 +31,28 @@ DEFAULT_ALPHA = {"text": 1.0, "controlnet": 1.0, "instruct_pix2pix": 1.0, "inpai
                  "prompt2prompt": 0.25}
 """Per-task image share alpha of the mixed inversion (METHODS.md §2.5)."""
 DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_IMAGE_GUIDANCE = 50, 7.5, 1.5
-OUTPAINT_DIRECTIONS = ("horizontal", "vertical")
+REGIONS = ("horizontal", "vertical", "centre")
 
 
 # ------------------------------------------------------------------ step 1: frame-wise IDM conditioning
-def outpaint_mask(frames: int, height: int, width: int, direction: str = "horizontal") -> torch.Tensor:
-    """Outpainting mask ``[F, H, W]`` (1 = fill), METHODS.md §2.2: "horizontal" fills the top and bottom H/4 bands,
-    "vertical" the left and right W/4 bands."""
-    if direction not in OUTPAINT_DIRECTIONS:
-        raise ValueError(f"outpaint direction must be one of {OUTPAINT_DIRECTIONS}, got {direction!r}")
+def region_mask(frames: int, height: int, width: int, region: str = "horizontal",
+                fraction: float = 0.25) -> torch.Tensor:
+    """Inpainting/outpainting mask ``[F, H, W]`` (1 = fill), METHODS.md §2.2 (fraction 0.25): "horizontal" fills the
+    top and bottom ``int(fraction*H)`` rows, "vertical" the left and right ``int(fraction*W)`` columns (outpainting),
+    "centre" everything but that border on all four sides (inpainting the middle). Raises ValueError for an unknown
+    region or a fraction outside (0, 0.5)."""
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+    if not 0.0 < fraction < 0.5:
+        raise ValueError(f"fraction must be in (0, 0.5), got {fraction}")
+    bh, bw = int(height * fraction), int(width * fraction)
     m = torch.zeros(frames, height, width)
-    if direction == "horizontal":
-        m[:, : height // 4], m[:, height - height // 4:] = 1, 1
+    if region == "horizontal":
+        m[:, :bh], m[:, height - bh:] = 1, 1
+    elif region == "vertical":
+        m[:, :, :bw], m[:, :, width - bw:] = 1, 1
     else:
-        m[:, :, : width // 4], m[:, :, width - width // 4:] = 1, 1
+        m[:, bh:height - bh, bw:width - bw] = 1
     return m
 
 

@@ -7,10 +7,11 @@ register_animatediff_folder()          # before any node lists models/animatedif
 from .bivdiff import VBDDIMInvert, VBFramewiseGenerate, VBMixLatents, VBVideoDenoise  # noqa: E402
 from .evs import VBEncapsulatedT2V, VBEVSRefine  # noqa: E402
 from .jvid import VBJVIDSample, VBTemporalLatentSmoothing  # noqa: E402
-from .frames import VBDecodeFrames, VBEncodeFrames  # noqa: E402
+from .frames import VBDecodeFrames, VBEncodeFrames, VBRegionMask  # noqa: E402
 from .loaders import VBLoadControlNet, VBLoadImageModel, VBLoadVideoModel  # noqa: E402
 
-NODES = [VBLoadImageModel, VBLoadControlNet, VBLoadVideoModel, VBEncodeFrames, VBDecodeFrames, VBFramewiseGenerate,
+NODES = [VBLoadImageModel, VBLoadControlNet, VBLoadVideoModel, VBEncodeFrames, VBDecodeFrames, VBRegionMask,
+         VBFramewiseGenerate,
          VBDDIMInvert, VBMixLatents, VBVideoDenoise, VBEncapsulatedT2V, VBEVSRefine,
          VBJVIDSample, VBTemporalLatentSmoothing]
 

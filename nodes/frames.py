@@ -1,6 +1,10 @@
-"""IMAGE <-> LATENT with an image model's VAE, in frame chunks (OOM back-off in core)."""
+"""IMAGE <-> LATENT with an image model's VAE, in frame chunks (OOM back-off in core); region masks sized from a
+video."""
 from __future__ import annotations
 
+import comfy.model_management as mm
+
+from ..core.bivdiff import region_mask
 from ..core.latents import decode_video, encode_video, vae_scale
 from . import runtime, types
 from .api import io
@@ -54,3 +58,35 @@ class VBDecodeFrames(io.ComfyNode):
         progress = runtime.Progress(-(-z.shape[2] // frames_per_chunk))
         pixels = decode_video(vae, z, chunk=frames_per_chunk, callbacks=progress.callbacks)
         return io.NodeOutput(runtime.video_to_image(pixels))
+
+
+REGIONS = {"top and bottom (outpaint)": "horizontal", "left and right (outpaint)": "vertical",
+           "centre (inpaint)": "centre"}
+
+
+class VBRegionMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VBRegionMask", display_name="Region Mask (VideoBridge)", category="VideoBridge/latents",
+            description="A MASK the size of the video (1 = repaint) for inpainting or outpainting: the top and bottom "
+                        "bands, the left and right bands, or the centre. The size follows the connected frames, so "
+                        "it is set in one place.",
+            inputs=[io.Image.Input("images", tooltip="The video the mask is for (only its size is used)."),
+                    io.Combo.Input("region", options=list(REGIONS), default="top and bottom (outpaint)",
+                                   tooltip="Bands to fill (outpainting, BIVDiff's default: top and bottom) or the "
+                                           "centre to repaint (inpainting)."),
+                    io.Float.Input("fraction", default=0.25, min=0.01, max=0.49, step=0.01,
+                                   tooltip="Band width as a share of the height (or width); for the centre, the kept "
+                                           "border on each side. BIVDiff uses 0.25.")],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="[1, H, W], used for every frame.")])
+
+    @classmethod
+    def execute(cls, images, region, fraction) -> io.NodeOutput:
+        if images.dim() != 4 or images.shape[0] < 1:
+            raise ValueError(f"VBRegionMask: images: expected an IMAGE batch, got shape {tuple(images.shape)}")
+        try:
+            mask = region_mask(1, images.shape[1], images.shape[2], REGIONS[region], fraction)
+        except ValueError as e:
+            raise ValueError(f"VBRegionMask: {e}") from None
+        return io.NodeOutput(mask.to(mm.intermediate_device()))

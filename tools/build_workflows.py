@@ -65,9 +65,54 @@ def inversion_and_smoothing(first_id, latent, image_model, video_model, alpha, p
 FOX = "a red fox running through fresh snow, photograph"
 
 
+NOTE_ID = 30
+NOTE_SIZE = (440, 640)
+
+
+def bivdiff_note(what: str, models: list, prompts: str, alpha: float) -> tuple:
+    """The Note node of a BIVDiff graph: what it does, which file goes where, what to change for real use."""
+    files = "\n".join(f"- {m}" for m in models)
+    text = f"""BIVDiff (Shi et al., CVPR 2024): {what}
+
+Stages: 1 the input clip (frame count and size are set here, once); 2 the models; 3 every frame is made by the image
+model on its own; 4 mixed inversion turns those frames back into noise (alpha = {alpha} of the image model's
+inversion); 5 the video model denoises that noise into a temporally consistent clip; 6 the video and, for comparison,
+the frame-wise result.
+
+Models (ComfyUI/models/...):
+{files}
+
+Prompts: {prompts}
+
+Small defaults (8 frames at {SIZE}x{SIZE}, 50 steps) so it runs anywhere; for real use take 16 frames at 512x512 in
+group 1. Without the real model files the main job runs tiny random stand-ins, which give noise.
+Research options (last in each node): fixed-point iterations, legacy_grid and inflated_groupnorm (parity with the
+official code), attention capture."""
+    return (NOTE_ID, "Note", {"text": text}, {}, "What this workflow does")
+
+
+def bivdiff_stages(framewise: list, models: list) -> list:
+    return [("1 · Input video: frames and size", [1, 2, 3, 4]), ("2 · Models", models),
+            ("3 · Frame-wise generation", framewise)]
+
+
+def bivdiff_extras(framewise: list, models: list, first: int) -> dict:
+    i = first
+    return {"layout": {NOTE_ID: (0, 0, *NOTE_SIZE)},
+            "stages": bivdiff_stages(framewise, models) + [
+                ("4 · Mixed inversion", [i, i + 1, i + 2]), ("5 · Temporal smoothing", [i + 3, i + 4]),
+                ("6 · Output", [i + 5, i + 6, i + 7])]}
+
+
 def controlnet_zeroscope():
     stem = "bivdiff_controlnet_zeroscope"
     return stem, "BIVDiff controllable video generation: ControlNet (Canny) frame-wise, ZeroScope temporal smoothing", [
+        bivdiff_note("controllable generation. Canny edges of the input clip steer a ControlNet that draws every frame; "
+                     "ZeroScope then smooths the frames into one consistent video.",
+                     [f"checkpoints/{BASE}: any SD1.5 checkpoint (frame-wise image model and VAE).",
+                      f"controlnet/{CANNY}: ControlNet v1.1 canny (lllyasviel).",
+                      f"{ZEROSCOPE}/: the ZeroScope v2 576w diffusers folder (cerspense)."],
+                     "the frame-wise prompt and the smoothing prompt describe the same video.", 1.0),
         *VIDEO_IN,
         (5, "Canny", {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (4, 0)}, "Canny hints"),
         (6, "VBLoadImageModel", {"model_name": BASE}, {}, None),
@@ -77,12 +122,19 @@ def controlnet_zeroscope():
          {"image_model": (6, 0), "controlnet": (7, 0), "hints": (5, 0)}, "Frame-wise ControlNet"),
         *inversion_and_smoothing(10, (9, 1), (6, 0), (8, 0), 1.0, FOX),
         *video_out(15, (14, 0), stem, (9, 0)),
-    ]
+    ], bivdiff_extras([5, 9], [6, 7, 8], 10)
 
 
 def ip2p_animatediff():
     stem = "bivdiff_ip2p_animatediff"
     return stem, "BIVDiff video editing: InstructPix2Pix frame-wise edit, AnimateDiff temporal smoothing", [
+        bivdiff_note("video editing. InstructPix2Pix edits every frame of the input clip by an instruction; AnimateDiff "
+                     "then smooths the edited frames into one consistent video.",
+                     [f"checkpoints/{IP2P}: InstructPix2Pix (timbrooks).",
+                      f"checkpoints/{BASE}: SD1.5 (inversion, VAE, and the base of AnimateDiff).",
+                      f"animatediff_models/{MOTION}: the AnimateDiff v2 motion module (guoyww)."],
+                     "the frame-wise prompt is an instruction ('make it ...'); the smoothing prompt describes the "
+                     "result, as the video model expects.", 1.0),
         *VIDEO_IN,
         (5, "VBLoadImageModel", {"model_name": IP2P}, {}, "InstructPix2Pix"),
         (6, "VBLoadImageModel", {"model_name": BASE}, {}, "SD1.5 (inversion, AnimateDiff base, VAE)"),
@@ -92,40 +144,38 @@ def ip2p_animatediff():
          {"image_model": (5, 0), "images": (4, 0)}, "Frame-wise InstructPix2Pix"),
         *inversion_and_smoothing(9, (8, 1), (6, 0), (7, 0), 1.0, "a watercolor painting of a fox running"),
         *video_out(14, (13, 0), stem, (8, 0)),
-    ]
+    ], bivdiff_extras([8], [5, 6, 7], 9)
 
 
 def inpaint_zeroscope(outpaint=False):
     stem = "bivdiff_outpaint_zeroscope" if outpaint else "bivdiff_inpaint_zeroscope"
+    region = "top and bottom (outpaint)" if outpaint else "centre (inpaint)"
     if outpaint:
-        band = SIZE // 4
-        masks = [(5, "SolidMask", {"value": 0.0, "width": SIZE, "height": SIZE}, {}, "Keep"),
-                 (6, "SolidMask", {"value": 1.0, "width": SIZE, "height": band}, {}, "Border band"),
-                 (7, "MaskComposite", {"x": 0, "y": 0, "operation": "add"}, {"destination": (5, 0), "source": (6, 0)},
-                  "Top band"),
-                 (8, "MaskComposite", {"x": 0, "y": SIZE - band, "operation": "add"},
-                  {"destination": (7, 0), "source": (6, 0)}, "Outpainting mask (top and bottom H/4)")]
         title = "BIVDiff video outpainting: SD inpainting frame-wise on the top and bottom quarter, ZeroScope smoothing"
+        what = ("video outpainting. SD inpainting repaints the top and bottom quarter of every frame (the mask node "
+                "sets the bands); ZeroScope then smooths the frames into one consistent video.")
         prompt = "a snowy forest"
     else:
-        masks = [(5, "SolidMask", {"value": 0.0, "width": SIZE, "height": SIZE}, {}, "Keep"),
-                 (6, "SolidMask", {"value": 1.0, "width": SIZE // 2, "height": SIZE // 2}, {}, "Hole"),
-                 (7, "MaskComposite", {"x": SIZE // 4, "y": SIZE // 4, "operation": "add"},
-                  {"destination": (5, 0), "source": (6, 0)}, "Inpainting mask (centre)"),
-                 (8, "MaskComposite", {"x": 0, "y": 0, "operation": "add"},
-                  {"destination": (7, 0), "source": (5, 0)}, None)]
         title = "BIVDiff video inpainting: SD inpainting frame-wise in a masked region, ZeroScope smoothing"
+        what = ("video inpainting. SD inpainting repaints the centre of every frame (the mask node sets the region; "
+                "any MASK works); ZeroScope then smooths the frames into one consistent video.")
         prompt = ""
     return stem, title, [
-        *VIDEO_IN, *masks,
+        bivdiff_note(what, [f"checkpoints/{INPAINT}: SD1.5 inpainting (runwayml).",
+                            f"checkpoints/{BASE}: SD1.5 (inversion, VAE).",
+                            f"{ZEROSCOPE}/: the ZeroScope v2 576w diffusers folder (cerspense)."],
+                     "one prompt for the repainted area and the smoothing (empty is allowed).", 0.1),
+        *VIDEO_IN,
+        (5, "VBRegionMask", {"region": region, "fraction": 0.25}, {"images": (4, 0)},
+         "Outpainting mask" if outpaint else "Inpainting mask"),
         (9, "VBLoadImageModel", {"model_name": INPAINT}, {}, "SD inpainting"),
         (10, "VBLoadImageModel", {"model_name": BASE}, {}, "SD1.5 (inversion, VAE)"),
         (11, "VBLoadVideoModel", {"model_name": ZEROSCOPE}, {}, None),
         (12, "VBFramewiseGenerate", {"prompt": prompt, "negative_prompt": "", "seed": 0, "steps": 50, "cfg": 7.5},
-         {"image_model": (9, 0), "images": (4, 0), "mask": (8, 0)}, "Frame-wise inpainting"),
+         {"image_model": (9, 0), "images": (4, 0), "mask": (5, 0)}, "Frame-wise inpainting"),
         *inversion_and_smoothing(13, (12, 1), (10, 0), (11, 0), 0.1, prompt),
         *video_out(18, (17, 0), stem, (12, 0)),
-    ]
+    ], bivdiff_extras([5, 12], [9, 10, 11], 13)
 
 
 LIGHTNING = "animatediff_lightning_8step_comfyui.safetensors"
@@ -140,7 +190,8 @@ Models (ComfyUI/models/...):
 - animatediff_models/{LIGHTNING}: AnimateDiff-Lightning 8-step (ByteDance), loaded on the trailing grid.
 
 Frame count and size: group 1 (First N frames, Resize). Small defaults (8 frames, {SIZE}x{SIZE}, upscale 1.0) so it
-runs anywhere; for real use take 16 frames at 512x512 and upscale 2.0 (the paper's setting).
+runs anywhere; for real use take 16 frames at 512x512 and upscale 2.0 (the paper's setting). Without the real model
+files the main job runs tiny random stand-ins, which give noise.
 
 EVS Refine knobs:
 - upscale: resize before refining (paper 2.0).
@@ -193,7 +244,7 @@ Models (ComfyUI/models/...):
 - {video}
 
 Frame count and size: group 2 (JVID sampler: width, height, frames). Small defaults (8 frames, {size}x{size}); the
-paper uses 16 frames.
+paper uses 16 frames. Without the real model files the main job runs tiny random stand-ins, which give noise.
 
 Knobs: preset '256' (plain mixture, default), '128' and '64' add entropy reduction (gamma: step-noise scale on image
 steps; r_i, r_v: noise shared by all frames) and temporal latent smoothing (c_s). Try '128' if the video flickers.
@@ -253,6 +304,38 @@ def _default(spec):
     if kind == "COMBO":
         return (opts.get("options") or [""])[0]
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
+
+
+ROW_WIDTH = 3300               # stages flow left to right and wrap into rows no wider than this
+COLUMN, GAP = 380, 50
+
+
+def flow_stages(ui_nodes: list, stages: list, depth) -> None:
+    """Position nodes stage by stage: inside a stage, one column per graph depth present, nodes stacked; stages
+    left to right, wrapping into a new row past ``ROW_WIDTH``; a Note (in no stage) goes first, at the left."""
+    by_id = {n["id"]: n for n in ui_nodes}
+    x0, y0 = 40, 100
+    notes = [n for n in ui_nodes if n["type"] == "Note"]
+    for n in notes:
+        n["pos"] = [x0, y0]
+    x = x0 + (max(n["size"][0] for n in notes) + 80 if notes else 0)
+    row_x, y, row_h = x, y0, 0
+    for _, members in stages:
+        rank = {dep: k for k, dep in enumerate(sorted({depth(i) for i in members}))}   # one column per depth
+        cols = {}
+        for i in sorted(members, key=lambda i: (depth(i), i)):
+            cols.setdefault(rank[depth(i)], []).append(by_id[i])
+        width = max(cols) * COLUMN + max(n["size"][0] for c in cols.values() for n in c)
+        height = max(sum(n["size"][1] + GAP for n in c) for c in cols.values())
+        if x > row_x and x + width > ROW_WIDTH:
+            x, y, row_h = row_x, y + row_h + GROUP_TITLE + 2 * GROUP_PAD + GAP, 0
+        for k, col in cols.items():
+            cy = y
+            for n in col:
+                n["pos"] = [x + k * COLUMN, cy]
+                cy += n["size"][1] + GAP
+        x += width + 2 * GROUP_PAD + GAP
+        row_h = max(row_h, height)
 
 
 def build(spec, object_info) -> dict:
@@ -330,8 +413,10 @@ def build(spec, object_info) -> dict:
     for link in links:
         outputs_links[link[1]][link[2]]["links"].append(link[0])
     ui_nodes.sort(key=lambda n: n["id"])
+    if "stages" in extras:
+        flow_stages(ui_nodes, extras["stages"], d)
     groups = []
-    for gtitle, members in extras.get("groups", []):
+    for gtitle, members in extras.get("stages", extras.get("groups", [])):
         boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
                  for n in ui_nodes if n["id"] in members]
         x0, y0 = min(b[0] for b in boxes) - GROUP_PAD, min(b[1] for b in boxes) - GROUP_TITLE

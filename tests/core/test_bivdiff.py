@@ -55,13 +55,18 @@ def test_alpha_outside_unit_interval_is_refused():
         bivdiff.mix_latents(z, torch.zeros(1, 4, 3, 8, 8), 0.5)
 
 
-def test_outpaint_masks():
-    h = bivdiff.outpaint_mask(2, 64, 32, "horizontal")
+def test_region_masks():
+    h = bivdiff.region_mask(2, 64, 32, "horizontal")
     assert h.shape == (2, 64, 32) and h[:, :16].min() == 1 and h[:, 48:].min() == 1 and h[:, 16:48].max() == 0
-    v = bivdiff.outpaint_mask(1, 64, 32, "vertical")
+    v = bivdiff.region_mask(1, 64, 32, "vertical")
     assert v[:, :, :8].min() == 1 and v[:, :, 24:].min() == 1 and v[:, :, 8:24].max() == 0
-    with pytest.raises(ValueError):
-        bivdiff.outpaint_mask(1, 8, 8, "diagonal")
+    c = bivdiff.region_mask(1, 64, 32, "centre")
+    assert c[:, 16:48, 8:24].min() == 1 and float(c.sum()) == 32 * 16
+    assert float(bivdiff.region_mask(1, 64, 32, "horizontal", 0.125).sum()) == 2 * 8 * 32
+    with pytest.raises(ValueError, match="region"):
+        bivdiff.region_mask(1, 8, 8, "diagonal")
+    with pytest.raises(ValueError, match="fraction"):
+        bivdiff.region_mask(1, 8, 8, "centre", 0.5)
 
 
 @torch.no_grad()

@@ -74,3 +74,13 @@ def test_a_mask_the_model_ignores_is_refused(N):
         generate(N, ip2p, images=video(), mask=torch.zeros(64, 64))
 
 
+
+
+def test_region_mask_follows_the_video_size(N):
+    frames = video(frames=3, size=64)
+    for region, filled in (("top and bottom (outpaint)", 2 * 16 * 64), ("left and right (outpaint)", 2 * 16 * 64),
+                           ("centre (inpaint)", 32 * 32)):
+        mask = run(N["VBRegionMask"], images=frames, region=region, fraction=0.25)[0]
+        assert mask.shape == (1, 64, 64) and float(mask.sum()) == filled
+    assert float(run(N["VBRegionMask"], images=video(size=128), region="centre (inpaint)", fraction=0.25)[0].sum()) \
+        == 64 * 64

@@ -48,7 +48,7 @@ def _overlap(a, b):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: os.path.basename(p)[:-5])
 def test_workflow_layout_has_no_overlaps(path):
     """Nodes (title bars included, video previews grown) never overlap; groups never overlap and each node is wholly
-    inside one group or outside all; a Note names every model file its loaders use."""
+    inside one group or outside all; a Note names every model file its loaders use and says stand-ins give noise."""
     with open(path) as f:
         ui = json.load(f)
     nodes = ui["nodes"]
@@ -70,11 +70,12 @@ def test_workflow_layout_has_no_overlaps(path):
         touching = [t for t, g in groups if _overlap(g, box)]
         assert touching == inside and len(inside) <= 1, f"node #{nid} straddles groups {touching}"
     notes = [n for n in nodes if n["type"] == "Note"]
-    if notes:
-        text = " ".join(n["widgets_values"][0] for n in notes)
-        for n in nodes:
-            if n["type"].startswith("VBLoad"):
-                assert n["widgets_values"][0] in text, f"the Note does not say where {n['widgets_values'][0]} goes"
+    assert notes, "the workflow has no Note saying what it does"
+    text = " ".join(n["widgets_values"][0] for n in notes)
+    assert "stand-in" in text, "the Note does not say that stand-in models give noise"
+    for n in nodes:
+        if n["type"].startswith("VBLoad"):
+            assert n["widgets_values"][0] in text, f"the Note does not say where {n['widgets_values'][0]} goes"
 
 
 def test_evs_workflow_explains_every_knob():
