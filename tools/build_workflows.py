@@ -66,7 +66,6 @@ FOX = "a red fox running through fresh snow, photograph"
 
 
 NOTE_ID = 30
-NOTE_SIZE = (440, 640)
 
 
 def bivdiff_note(what: str, models: list, prompts: str, alpha: float) -> tuple:
@@ -91,17 +90,11 @@ official code), attention capture."""
     return (NOTE_ID, "Note", {"text": text}, {}, "What this workflow does")
 
 
-def bivdiff_stages(framewise: list, models: list) -> list:
-    return [("1 · Input video: frames and size", [1, 2, 3, 4]), ("2 · Models", models),
-            ("3 · Frame-wise generation", framewise)]
-
-
-def bivdiff_extras(framewise: list, models: list, first: int) -> dict:
+def bivdiff_stages(framewise: list, models: list, first: int) -> list:
     i = first
-    return {"layout": {NOTE_ID: (0, 0, *NOTE_SIZE)},
-            "stages": bivdiff_stages(framewise, models) + [
-                ("4 · Mixed inversion", [i, i + 1, i + 2]), ("5 · Temporal smoothing", [i + 3, i + 4]),
-                ("6 · Output", [i + 5, i + 6, i + 7])]}
+    return [("1 · Input video: frames and size", [1, 2, 3, 4]), ("2 · Models", models),
+            ("3 · Frame-wise generation", framewise), ("4 · Mixed inversion", [i, i + 1, i + 2]),
+            ("5 · Temporal smoothing", [i + 3, i + 4]), ("6 · Output", [i + 5, i + 6, i + 7])]
 
 
 def controlnet_zeroscope():
@@ -122,7 +115,7 @@ def controlnet_zeroscope():
          {"image_model": (6, 0), "controlnet": (7, 0), "hints": (5, 0)}, "Frame-wise ControlNet"),
         *inversion_and_smoothing(10, (9, 1), (6, 0), (8, 0), 1.0, FOX),
         *video_out(15, (14, 0), stem, (9, 0)),
-    ], bivdiff_extras([5, 9], [6, 7, 8], 10)
+    ], bivdiff_stages([5, 9], [6, 7, 8], 10)
 
 
 def ip2p_animatediff():
@@ -144,7 +137,7 @@ def ip2p_animatediff():
          {"image_model": (5, 0), "images": (4, 0)}, "Frame-wise InstructPix2Pix"),
         *inversion_and_smoothing(9, (8, 1), (6, 0), (7, 0), 1.0, "a watercolor painting of a fox running"),
         *video_out(14, (13, 0), stem, (8, 0)),
-    ], bivdiff_extras([8], [5, 6, 7], 9)
+    ], bivdiff_stages([8], [5, 6, 7], 9)
 
 
 def inpaint_zeroscope(outpaint=False):
@@ -175,7 +168,7 @@ def inpaint_zeroscope(outpaint=False):
          {"image_model": (9, 0), "images": (4, 0), "mask": (5, 0)}, "Frame-wise inpainting"),
         *inversion_and_smoothing(13, (12, 1), (10, 0), (11, 0), 0.1, prompt),
         *video_out(18, (17, 0), stem, (12, 0)),
-    ], bivdiff_extras([5, 12], [9, 10, 11], 13)
+    ], bivdiff_stages([5, 12], [9, 10, 11], 13)
 
 
 LIGHTNING = "animatediff_lightning_8step_comfyui.safetensors"
@@ -220,16 +213,9 @@ def evs_refine_lightning():
          {"video": (8, 0)}, "Refined video"),
         (10, "Note", {"text": EVS_NOTE}, {}, "What this workflow does"),
     ]
-    layout = {10: (40, 110, 440, 860),
-              1: (540, 140, None, None), 2: (920, 140, None, None), 3: (920, 300, None, None),
-              4: (920, 510, None, None),
-              5: (540, 870, None, None), 6: (920, 870, None, None),
-              7: (1340, 140, 400, None),
-              8: (1800, 140, None, None), 9: (1800, 380, None, None)}
-    groups = [("1 · Input video: frame count and size are set here", [1, 2, 3, 4]),
-              ("2 · Models", [5, 6]), ("3 · EVS refinement", [7]), ("4 · Output", [8, 9])]
-    return stem, "EVS: refine a video with SD1.5 + AnimateDiff-Lightning (T2I + encapsulated T2V block)", nodes, \
-        {"layout": layout, "groups": groups}
+    stages = [("1 · Input video: frames and size", [1, 2, 3, 4]), ("2 · Models", [5, 6]),
+              ("3 · EVS refinement", [7]), ("4 · Output", [8, 9])]
+    return stem, "EVS: refine a video with SD1.5 + AnimateDiff-Lightning (T2I + encapsulated T2V block)", nodes, stages
 
 
 JVID_NOTE = """JVID text-to-video (Reynaud et al.): a mixture of denoisers
@@ -274,20 +260,16 @@ def jvid_text_to_video(zeroscope=False):
         (8, "SaveVideo", {"filename_prefix": f"videobridge/{stem}", "format": "auto", "codec": "auto"},
          {"video": (7, 0)}, "Generated video"),
     ]
-    layout = {1: (40, 110, 440, 720), 2: (540, 140, None, None), 3: (540, 360, None, None),
-              4: (960, 140, 400, None), 5: (960, 1000, 400, 300),
-              6: (1440, 140, None, None), 7: (1440, 340, None, None), 8: (1440, 580, None, None)}
-    groups = [("1 · Models", [2, 3]), ("2 · JVID sampler: size, frames", [4, 5]),
-              ("3 · Decode and save", [6, 7, 8])]
+    stages = [("1 · Models", [2, 3]), ("2 · JVID sampler: size, frames", [4, 5]), ("3 · Decode and save", [6, 7, 8])]
     title = f"JVID text-to-video: SD1.5 + {'ZeroScope' if zeroscope else 'AnimateDiff'} as a mixture of denoisers"
-    return stem, title, nodes, {"layout": layout, "groups": groups}
+    return stem, title, nodes, stages
 
 
 SPECS = [controlnet_zeroscope, ip2p_animatediff, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
          evs_refine_lightning, jvid_text_to_video, lambda: jvid_text_to_video(zeroscope=True)]
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-LOAD_VIDEO_HEIGHT = 460        # LoadVideo and SaveVideo grow to about this once their video preview loads
+PREVIEW_HEIGHT = {"LoadVideo": 460, "SaveVideo": 460, "PreviewAny": 300}   # heights once their previews show
 GROUP_PAD, GROUP_TITLE = 20, 70     # a node's title bar (30 px) sits above its pos; the group title above that
 
 
@@ -307,7 +289,7 @@ def _default(spec):
 
 
 ROW_WIDTH = 3300               # stages flow left to right and wrap into rows no wider than this
-COLUMN, GAP = 380, 50
+NODE_WIDTH, NOTE_WIDTH, COLUMN, GAP = 340, 440, 380, 50
 
 
 def flow_stages(ui_nodes: list, stages: list, depth) -> None:
@@ -338,14 +320,17 @@ def flow_stages(ui_nodes: list, stages: list, depth) -> None:
         row_h = max(row_h, height)
 
 
+def note_size(text: str) -> list:
+    """Width and height of a Note that shows ``text`` without scrolling (about 60 characters a line)."""
+    lines = sum(max(1, -(-len(line) // 60)) for line in text.splitlines())
+    return [NOTE_WIDTH, 40 + 18 * lines]
+
+
 def build(spec, object_info) -> dict:
-    """UI-format workflow (LiteGraph 0.4) from a spec: (stem, title, nodes[, extras]). Positions are in columns by
-    graph depth unless ``extras["layout"]`` gives ``{id: (x, y, width or None, height or None)}``; ``Note`` nodes
-    (UI only) hold ``widgets["text"]``; ``extras["groups"]`` is ``[(title, [node ids])]``, each drawn around its
-    nodes."""
-    stem, title, nodes = spec[:3]
-    extras = spec[3] if len(spec) > 3 else {}
-    layout = extras.get("layout", {})
+    """UI-format workflow (LiteGraph 0.4) from a spec ``(stem, title, nodes, stages)``: ``Note`` nodes (UI only) hold
+    ``widgets["text"]``; ``stages`` is ``[(group title, [node ids])]``, laid out by ``flow_stages`` with a group
+    drawn around each."""
+    stem, title, nodes, stages = spec
     by_id = {n[0]: n for n in nodes}
     depth = {}
 
@@ -354,15 +339,15 @@ def build(spec, object_info) -> dict:
             depth[i] = 1 + max([d(src) for src, _ in by_id[i][3].values()], default=-1)
         return depth[i]
 
-    links, ui_nodes, column_y = [], [], {}
+    links, ui_nodes = [], []
     outputs_links = {}
     for nid, ntype, widgets, inputs, _ in nodes:
         for name, (src, slot) in inputs.items():
             links.append([len(links) + 1, src, slot, nid, name, None])
     for order, (nid, ntype, widgets, inputs, ntitle) in enumerate(sorted(nodes, key=lambda n: (d(n[0]), n[0]))):
         if ntype == "Note":
-            x, y, w, h = layout[nid]
-            ui_nodes.append({"id": nid, "type": "Note", "pos": [x, y], "size": [w, h], "flags": {}, "order": order,
+            ui_nodes.append({"id": nid, "type": "Note", "pos": [0, 0], "size": note_size(widgets["text"]),
+                             "flags": {}, "order": order,
                              "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
                              "widgets_values": [widgets["text"]], "title": ntitle or "Note",
                              "color": "#432", "bgcolor": "#653"})
@@ -395,15 +380,8 @@ def build(spec, object_info) -> dict:
                     link[5] = entry["type"]
         outs = [{"name": oname, "type": otype, "links": [], "slot_index": k}
                 for k, (otype, oname) in enumerate(zip(info["output"], info.get("output_name", info["output"])))]
-        col = d(nid)
-        y = column_y.get(col, 60)
-        height = LOAD_VIDEO_HEIGHT if ntype in ("LoadVideo", "SaveVideo") else 80 + 26 * (len(values) + len(ui_inputs))
-        column_y[col] = y + height + 50
-        pos, width = [60 + 380 * col, y], 340
-        if nid in layout:
-            x, y, w, h = layout[nid]
-            pos, width, height = [x, y], w or width, h or height
-        node = {"id": nid, "type": ntype, "pos": pos, "size": [width, height], "flags": {},
+        height = PREVIEW_HEIGHT.get(ntype, 80 + 26 * (len(values) + len(ui_inputs)))
+        node = {"id": nid, "type": ntype, "pos": [0, 0], "size": [NODE_WIDTH, height], "flags": {},
                 "order": order, "mode": 0, "inputs": ui_inputs, "outputs": outs,
                 "properties": {"Node name for S&R": ntype}, "widgets_values": values}
         if ntitle:
@@ -413,10 +391,9 @@ def build(spec, object_info) -> dict:
     for link in links:
         outputs_links[link[1]][link[2]]["links"].append(link[0])
     ui_nodes.sort(key=lambda n: n["id"])
-    if "stages" in extras:
-        flow_stages(ui_nodes, extras["stages"], d)
+    flow_stages(ui_nodes, stages, d)
     groups = []
-    for gtitle, members in extras.get("stages", extras.get("groups", [])):
+    for gtitle, members in stages:
         boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
                  for n in ui_nodes if n["id"] in members]
         x0, y0 = min(b[0] for b in boxes) - GROUP_PAD, min(b[1] for b in boxes) - GROUP_TITLE
