@@ -103,6 +103,7 @@ from tests.core import tiny  # noqa: E402
 from videobridge.core import bivdiff  # noqa: E402
 from videobridge.core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, cfg, single  # noqa: E402
 from videobridge.core.latents import decode_video, encode_video, vae_scale  # noqa: E402
+from videobridge.core.samplers import initial_noise  # noqa: E402
 from videobridge.core.schedule import SD15_SCHEDULER_CONFIG, NoiseSchedule  # noqa: E402
 
 CFG = 7.5
@@ -174,7 +175,7 @@ def build(frames: int, size: int, steps: int, device: torch.device) -> Bench:
     g = torch.Generator().manual_seed(5)
     return Bench(unet=unet, controlnet=controlnet, vae=vae, unet3d=unet3d,
                  pipe=make_pipeline(unet, controlnet, vae, device), schedule=schedule, grid=grid, steps=steps,
-                 noise=bivdiff.initial_noise((1, 4, frames, size // 8, size // 8), seed=0).to(device),
+                 noise=initial_noise((1, 4, frames, size // 8, size // 8), seed=0).to(device),
                  hints=torch.rand(frames, 3, size, size, generator=g).to(device),
                  sd_text=tiny.text(10).to(device), sd_null=tiny.text(11).to(device),
                  vid_text=tiny.text(12).to(device), vid_null=tiny.text(13).to(device), device=device)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .callbacks import NO_CALLBACKS, Callbacks
 from .denoisers import Branch, Guidance, cfg, ip2p
 from .latents import broadcast_frames, encode_video, vae_scale
-from .samplers import ddim_invert, ddim_sample, initial_noise  # noqa: F401  (frame f's noise is slice f, B4)
+from .samplers import ddim_invert, ddim_sample
 
 TASKS = ("text", "controlnet", "instruct_pix2pix", "inpaint", "outpaint")
 DEFAULT_ALPHA = {"text": 1.0, "controlnet": 1.0, "instruct_pix2pix": 1.0, "inpaint": 0.1, "outpaint": 0.1,
@@ -105,7 +105,7 @@ def framewise_generate(image_denoiser, noise: torch.Tensor, timesteps: Sequence[
                        callbacks: Callbacks = NO_CALLBACKS) -> torch.Tensor:
     """Step 1 (paper Eq. 1): DDIM-sample every frame independently with the image model, as one batch.
 
-    noise: ``[1, 4, F, h, w]`` (``initial_noise``) at ``timesteps[0]``. Returns clean latents ``[1, 4, F, h, w]``.
+    noise: ``[1, 4, F, h, w]`` (``samplers.initial_noise``: frame f's noise is slice f, §7.1 B4) at ``timesteps[0]``. Returns clean latents ``[1, 4, F, h, w]``.
     """
     if image_denoiser.kind != "image":
         raise ValueError("frame-wise generation needs an image denoiser")

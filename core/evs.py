@@ -194,25 +194,26 @@ def t2v_block(video_denoiser, z_i: torch.Tensor, grid_v: Sequence[int], n_V: int
         return denoise_to_x0(video_denoiser, y, steps, guidance, callbacks=callbacks)
 
 
-def block_bank_bytes(video_denoiser, z_shape: Sequence[int], params: EVSParams) -> int:
-    """Bytes the block's own SFI bank will hold (0 in "sdedit" mode): Q/K/V of the layers over n_V steps."""
-    if params.block != "inversion_sfi":
-        return 0
-    layers = video_denoiser.attention_layers(params.sfi_layers)
-    return video_denoiser.bank_bytes(layers, z_shape[2], tuple(z_shape[-2:]), params.n_V, params.bank_dtype)
+def check_bank_budget(video_denoiser, layers, z_shape: Sequence[int], n_steps: int, budget_gib: float, what: str,
+                      dtype: torch.dtype = torch.float16) -> None:
+    """Refuse, before any sampling, a Q/K/V bank of ``layers`` over ``n_steps`` timesteps for latents ``z_shape``
+    that would exceed ``budget_gib`` GiB (``core.attention.check_budget``; 0 = no limit)."""
+    layers = video_denoiser.attention_layers(layers)
+    nbytes = video_denoiser.bank_bytes(layers, z_shape[2], tuple(z_shape[-2:]), n_steps, dtype)
+    check_budget(nbytes, budget_gib, what, len(layers), n_steps)
 
 
 def check_block(video_denoiser, z_shape: Sequence[int], params: EVSParams, what: str = "EVS") -> list:
     """Validate the block's settings before any sampling and return the T2V grid from t_V. Raises ValueError for
-    t_V off the grid, n_V out of range, gamma outside [0, 1], an unknown mode, or a bank over the budget."""
+    t_V off the grid, n_V out of range, gamma outside [0, 1], an unknown mode, or (inversion + SFI) a bank over the
+    budget."""
     if params.block not in BLOCK_MODES:
         raise ValueError(f"block must be one of {BLOCK_MODES}, got {params.block!r}")
     check_gamma(params.sfi_gamma)
     grid_v = t2v_grid(video_denoiser.schedule, params.t2v_steps, params.t2v_spacing, params.t_V, params.n_V)
-    nbytes = block_bank_bytes(video_denoiser, z_shape, params)
-    if nbytes:
-        check_budget(nbytes, params.bank_budget_gib, what,
-                     len(video_denoiser.attention_layers(params.sfi_layers)), params.n_V)
+    if params.block == "inversion_sfi":
+        check_bank_budget(video_denoiser, params.sfi_layers, z_shape, params.n_V, params.bank_budget_gib, what,
+                          params.bank_dtype)
     return grid_v
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import contextlib
 
 from ..core import bivdiff, evs
-from ..core.attention import FeatureBank, check_budget, check_gamma
+from ..core.attention import FeatureBank, check_gamma
 from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, on_schedule, single
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
-from ..core.samplers import ddim_invert, sdedit
+from ..core.samplers import ddim_invert, initial_noise, sdedit
 from . import runtime, types, widgets
 from .api import io
 
@@ -113,7 +113,7 @@ class VBFramewiseGenerate(io.ComfyNode):
         device = runtime.load(image_model.unet, controlnet.patcher if controlnet is not None else None)
         denoiser = UNet2DDenoiser(m.unet, m.schedule, controlnet=controlnet.model if controlnet else None,
                                   control_scale=control_strength, frame_batch_size=frame_batch_size or None)
-        noise = bivdiff.initial_noise((1, 4, n, H // 8, W // 8), seed).to(device)
+        noise = initial_noise((1, 4, n, H // 8, W // 8), seed).to(device)
         z = bivdiff.framewise_generate(denoiser, noise, m.schedule.timesteps(steps), guidance,
                                        callbacks=cb)
         runtime.load(image_model.vae)
@@ -250,8 +250,7 @@ class VBDDIMInvert(io.ComfyNode):
                 where_from = "custom_" if capture_attention == "custom" else f"capture_attention {capture_attention}: "
                 raise ValueError(f"{node}: {where_from}{e}") from None
             kept = grid[:capture_steps] if capture_steps else grid
-            check_budget(denoiser.bank_bytes(layers, z0.shape[2], tuple(z0.shape[-2:]), len(kept)),
-                         bank_budget_gb, node, len(layers), len(kept))
+            evs.check_bank_budget(denoiser, layers, z0.shape, len(kept), bank_budget_gb, node, dtype)
             z, bank = evs.sfi_invert(denoiser, z0, grid, guidance, layers, kept,
                                      fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
                                      callbacks=progress.callbacks)
@@ -383,6 +382,6 @@ class VBVideoDenoise(io.ComfyNode):
             if noisy:
                 out = bivdiff.temporal_smoothing(denoiser, z, grid, guidance, callbacks=progress.callbacks)
             else:
-                noise = bivdiff.initial_noise(z.shape, seed).to(device)
+                noise = initial_noise(z.shape, seed).to(device)
                 out = sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
         return io.NodeOutput(runtime.to_latent(out, scale))

@@ -10,6 +10,7 @@ from ..core import evs
 from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import decode_video, encode_video, vae_scale
+from ..core.samplers import initial_noise
 from . import runtime, types, widgets
 from .api import io
 from .bivdiff import latent_scale
@@ -123,7 +124,7 @@ class VBEncapsulatedT2V(io.ComfyNode):
         z = z.to(device)
         try:
             out = evs.t2v_block(denoiser, z, grid_v, n_V, cfg_guidance(Branch(text), Branch(null), cfg),
-                                mode=params.block, noise=evs.initial_noise(z.shape, seed + evs.STREAMS["t2v"]),
+                                mode=params.block, noise=initial_noise(z.shape, seed + evs.STREAMS["t2v"]),
                                 bank=attention_bank, sfi_layers=sfi_layers, sfi_gamma=sfi_gamma,
                                 fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
                                 callbacks=progress.callbacks)

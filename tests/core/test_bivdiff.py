@@ -5,7 +5,7 @@ from videobridge.core import bivdiff
 from videobridge.core.callbacks import Callbacks
 from videobridge.core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, cfg, on_schedule, single
 from videobridge.core.latents import check_frames, check_size, decode_video, encode_video
-from videobridge.core.samplers import ddim_invert
+from videobridge.core.samplers import ddim_invert, initial_noise
 from videobridge.core.schedule import NoiseSchedule
 
 from . import tiny
@@ -126,7 +126,7 @@ def test_bivdiff_end_to_end_controlnet(vdm):
 
     def run(seed):
         idm = UNet2DDenoiser(unet, SD, controlnet=cn)
-        noise = bivdiff.initial_noise((1, 4, frames, 8, 8), seed)
+        noise = initial_noise((1, 4, frames, 8, 8), seed)
         z_idm = bivdiff.framewise_generate(idm, noise, SD.timesteps(steps),
                                            bivdiff.idm_guidance("controlnet", c, n, control=hints))
         z0 = encode_video(vae, decode_video(vae, z_idm))
@@ -144,7 +144,7 @@ def test_bivdiff_end_to_end_controlnet(vdm):
 
 
 def test_initial_noise_is_one_cpu_draw_sliced_per_frame():
-    a = bivdiff.initial_noise((1, 4, 6, 8, 8), 7)
+    a = initial_noise((1, 4, 6, 8, 8), 7)
     g = torch.Generator("cpu").manual_seed(7)
     assert torch.equal(a, torch.randn(1, 4, 6, 8, 8, generator=g))
 

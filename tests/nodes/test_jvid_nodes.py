@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from .test_nodes import INPAINT, MOTION, ZEROSCOPE, run, video
+from .test_nodes import INPAINT, MOTION, ZEROSCOPE, run
 
 FRAMES, SIZE = 4, 64
 
