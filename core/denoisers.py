@@ -55,9 +55,14 @@ class Branch:
 
 @dataclass
 class Guidance:
-    """Branches evaluated in one batch and combined linearly: ``eps = sum_k weights[k] * eps_k``."""
+    """Branches evaluated in one batch and combined linearly: ``eps = sum_k weights[k] * eps_k``.
+
+    With ``combine=False`` the denoiser returns every branch's prediction, stacked ``[K, C, F, h, w]`` in branch order
+    (one batched call still; the weights are unused): scorers that compare branches (I4VGen's diffusion-classifier
+    score) need them separately."""
     branches: list
     weights: list = field(default_factory=lambda: [1.0])
+    combine: bool = True
 
     def __post_init__(self):
         if len(self.branches) != len(self.weights) or not self.branches:
@@ -102,6 +107,8 @@ def _combine(eps: torch.Tensor, g: Guidance) -> torch.Tensor:
     """eps: [K, ...] float32 -> the guided prediction [1, ...], ``sum_k w_k eps_k``. Classifier-free guidance and
     InstructPix2Pix guidance are evaluated in the official order (``u + g (c - u)``; ``e0 + s_t (e_TI - e_I) +
     s_i (e_I - e0)``), which equals the weighted sum mathematically and matches the reference code's rounding."""
+    if not g.combine:
+        return eps
     roles, w = tuple(b.role for b in g.branches), g.weights
     if roles == ("uncond", "cond"):
         return eps[:1] + w[1] * (eps[1:2] - eps[:1])

@@ -38,12 +38,16 @@ class NoiseSchedule:
         beta_schedule: "scaled_linear" (SD1.5, ZeroScope) or "linear" (AnimateDiff).
         final_alpha_cumprod: alpha-bar of the "end" level after the last sampling step.
         steps_offset: offset added to "leading" grids (1 for SD1.5: 981, 961, ..., 1).
+        clip_sample: 0 (off), or the range r to which ``ddim_step`` clamps the predicted x0 (diffusers'
+            ``clip_sample``; only the official I4VGen scheduler config uses it, r = 1). Set with
+            ``dataclasses.replace``; configs read by ``from_config`` never turn it on.
     """
     alphas_cumprod: torch.Tensor
     beta_schedule: str
     final_alpha_cumprod: float
     steps_offset: int = 1
     config: dict = field(default_factory=dict)
+    clip_sample: float = 0.0
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -133,9 +137,12 @@ class NoiseSchedule:
 
         x_next = sqrt(ab(t_next)) x0_hat + sqrt(1 - ab(t_next) - sigma^2) eps + sigma noise, with
         sigma = eta sqrt((1-ab(t_next))/(1-ab(t))) sqrt(1 - ab(t)/ab(t_next)); eta > 0 needs ``noise`` and
-        t_next below t. ``t_next=None`` is the end level.
+        t_next below t. ``t_next=None`` is the end level. With ``clip_sample = r > 0`` x0_hat is clamped to [-r, r]
+        first while eps is kept, as diffusers' ``DDIMScheduler.step`` does.
         """
         x0 = self.predict_x0(x_t, eps, t)
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         a_next = self.alpha_bar(t_next).to(x0.device)
         if eta > 0:
             if noise is None:
