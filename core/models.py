@@ -485,11 +485,12 @@ def load_motion_adapter(path: str, dtype: torch.dtype = torch.float32, num_heads
 
     Accepts the original layout (``temporal_transformer``, ``attention_blocks``, ``pos_encoder.pe``) and the
     diffusers layout (``attn1``); the channel widths and motion layers per block come from the weights, heads and
-    groups use AnimateDiff's fixed 8 / 32. Returns ``(adapter, family)`` with family "v1" (no mid block, pe 24),
+    groups use AnimateDiff's fixed 8 / 32. The number of UNet levels is read from the keys (SD1.5 has 4; any count
+    whose widths match the image UNet works). Returns ``(adapter, family)`` with family "v1" (no mid block, pe 24),
     "v2" (mid block; Lightning has the same structure) or "v3" (no mid block, pe 32). Position embeddings are
     sinusoids recomputed at construction (``motion_max_seq_length = max(32, pe length)``).
-    Raises ``FileNotFoundError`` and ``ValueError`` "'<name>' is not an SD1.5 AnimateDiff motion module (no
-    down_blocks.3 motion modules)". Source: diffusers ``convert_animatediff_checkpoint_to_diffusers``.
+    Raises ``FileNotFoundError`` and ``ValueError`` "'<name>' is not an AnimateDiff motion module (no down/up block
+    motion modules)". Source: diffusers ``convert_animatediff_checkpoint_to_diffusers``.
     """
     from diffusers import MotionAdapter
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
@@ -499,19 +500,19 @@ def load_motion_adapter(path: str, dtype: torch.dtype = torch.float32, num_heads
     pe = [v.shape[1] for k, v in raw.items() if k.endswith((".pos_encoder.pe", ".pos_embed.pe"))]
     sd = raw if any(".attn1." in k for k in raw) else convert_animatediff_checkpoint_to_diffusers(raw)
     sd = {k: v for k, v in sd.items() if not k.endswith(".pos_embed.pe")}
-    if "down_blocks.3.motion_modules.0.proj_in.weight" not in sd or "up_blocks.0.motion_modules.0.proj_in.weight" \
-            not in sd:
+    levels = [i for i in _ids(sd, "down_blocks.") if f"down_blocks.{i}.motion_modules.0.proj_in.weight" in sd]
+    if not levels or levels != list(range(len(levels))) or "up_blocks.0.motion_modules.0.proj_in.weight" not in sd:
         kind = detect_file_kind(raw)
         what = {"sd15_checkpoint": "; it is an SD1.5 checkpoint, load it with VBLoadImageModel",
                 "controlnet": "; it is a ControlNet, load it with VBLoadControlNet",
                 "sd2_or_sdxl_checkpoint": "; it is an SD2.x/SDXL checkpoint"}.get(kind, "")
-        raise ValueError(f"'{name}' is not an SD1.5 AnimateDiff motion module (no down_blocks.3 motion modules){what}")
+        raise ValueError(f"'{name}' is not an AnimateDiff motion module (no down/up block motion modules){what}")
     if any("controlnet_cond_embedding" in k for k in sd):
         raise ValueError(f"'{name}' is a SparseCtrl model, not a motion module; it is not supported")
     mid = any(k.startswith("mid_block.") for k in sd)
     layers = len(_ids(sd, "down_blocks.0.motion_modules."))
     adapter = MotionAdapter(
-        block_out_channels=tuple(int(sd[f"down_blocks.{i}.motion_modules.0.proj_in.weight"].shape[1]) for i in range(4)),
+        block_out_channels=tuple(int(sd[f"down_blocks.{i}.motion_modules.0.proj_in.weight"].shape[1]) for i in levels),
         motion_layers_per_block=layers, motion_num_attention_heads=num_heads, motion_norm_num_groups=norm_groups,
         use_motion_mid_block=mid, motion_max_seq_length=max([32] + pe))
     missing, unexpected = adapter.load_state_dict(sd, strict=False)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tools import standins as S
 from videobridge.core import models as M
 from videobridge.core.models import PerFrameGroupNorm
+from videobridge.core.schedule import NoiseSchedule
 
 SMALL_VOCAB = 600  # >= the tiny tokenizer's 525 ids; the full 49,408 is only needed with the real SD1 tokenizer
 
@@ -182,8 +183,8 @@ def test_wrong_files_are_refused_with_a_pointer_to_the_right_loader(base, mm_v2,
     with pytest.raises(ValueError, match="'control_v11p_sd15_canny.safetensors' is a ControlNet; load it with "
                                          "VBLoadControlNet"):
         M.load_image_model(controlnet_file, tokenizer_dir=tok_dir)
-    with pytest.raises(ValueError, match=r"'base.safetensors' is not an SD1.5 AnimateDiff motion module "
-                                         r"\(no down_blocks.3 motion modules\)"):
+    with pytest.raises(ValueError, match=r"'base.safetensors' is not an AnimateDiff motion module "
+                                         r"\(no down/up block motion modules\)"):
         M.load_motion_adapter(base[0])
     with pytest.raises(ValueError, match="'base.safetensors' is an SD1.5-family checkpoint"):
         M.load_controlnet(base[0])
@@ -203,7 +204,7 @@ def test_t2i_adapter_and_unknown_files(d, tok_dir):
     assert M.detect_file_kind(M.read_state_dict(junk)) == "unknown"
     with pytest.raises(ValueError, match="'junk.safetensors' is not a recognised model file"):
         M.load_image_model(junk, tokenizer_dir=tok_dir)
-    with pytest.raises(ValueError, match="'junk.safetensors' is not an SD1.5 AnimateDiff motion module"):
+    with pytest.raises(ValueError, match="'junk.safetensors' is not an AnimateDiff motion module"):
         M.load_motion_adapter(junk)
 
 
@@ -292,6 +293,33 @@ def test_motion_module_round_trip(d, version, layout):
     assert adapter.config.use_motion_mid_block == (version == "v2")
     assert adapter.config.motion_max_seq_length == 32
     assert_same_weights(adapter, written)
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_motion_module_with_two_levels_loads_and_builds(d, layout):
+    """The UNet depth is read from the keys, not assumed to be SD1.5's four levels (issue: any number of levels);
+    the assembled model has per-frame motion norms."""
+    from diffusers import MotionAdapter, UNet2DConditionModel
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    ad = S.randomize_(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=8,
+                                    motion_norm_num_groups=32, use_motion_mid_block=True), 3).eval()
+    path = str(d / f"mm_two_levels_{layout}.{'ckpt' if layout == 'original' else 'safetensors'}")
+    S._save(S.motion_to_original(ad.state_dict()) if layout == "original" else ad.state_dict(), path)
+    adapter, family = M.load_motion_adapter(path)
+    assert tuple(adapter.config.block_out_channels) == (32, 64) and family == "v2"
+    assert_same_weights(adapter, ad)
+    unet = S.randomize_(UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
+                                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                             cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4), 4)
+    im = M.ImageModel(unet, None, None, None, NoiseSchedule.sd15(), "base", "tiny")
+    vm = M.build_animatediff(im, adapter, family)
+    norms = [m.norm for m in vm.unet.modules() if isinstance(m, AnimateDiffTransformer3D)]
+    assert len(norms) == 2 * 2 + 1 + 2 * 3 and all(type(n) is PerFrameGroupNorm for n in norms)
+    with torch.no_grad():
+        eps = vm.unet(torch.randn(1, 4, 3, 8, 8), torch.tensor([500]), torch.randn(3, 77, 32)).sample
+    assert eps.shape == (1, 4, 3, 8, 8) and torch.isfinite(eps).all()
 
 
 def test_build_animatediff_shares_spatial_weights(base_model, video_model, mm_v2):
