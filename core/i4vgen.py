@@ -216,6 +216,38 @@ def weight_free_scores(alignment: torch.Tensor, images: torch.Tensor) -> dict:
     return {"score": score, "alignment": alignment.float(), "sharpness": s, "exposure": e}
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP's image preprocessing: shorter side resized to ``size`` (bicubic, antialiased), centre crop, OpenAI
+    mean/std. images ``[N, H, W, 3]`` in 0..1 -> ``[N, 3, size, size]`` float32."""
+    x = images.float().permute(0, 3, 1, 2)
+    h, w = x.shape[-2:]
+    s = size / min(h, w)
+    x = F.interpolate(x, size=(max(size, int(h * s)), max(size, int(w * s))), mode="bicubic", antialias=True,
+                      align_corners=False)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top:top + size, left:left + size].clamp(0, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean.to(x)) / std.to(x)
+
+
+def clip_scores(model, tokenizer, prompt: str, images: torch.Tensor) -> dict:
+    """CLIP text-image cosine similarity of each candidate with the prompt (MODELS.md §9.4; the CLIP scorer of
+    I4VGen's selection when a whole CLIP model is on disk). model: transformers ``CLIPModel``; tokenizer: the CLIP
+    BPE tokenizer (SD1's); images ``[N, H, W, 3]`` in 0..1. Returns {"score": [N] cosine} on the CPU."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    context = model.text_model.embeddings.position_embedding.weight.shape[0]
+    ids = tokenizer([prompt], padding="max_length", max_length=context, truncation=True, return_tensors="pt").input_ids
+    text = model.text_projection(model.text_model(input_ids=ids.to(device)).pooler_output)
+    pixels = clip_pixels(images, model.config.vision_config.image_size).to(device, dtype)
+    image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    cos = F.cosine_similarity(image.float(), text.float(), dim=-1)
+    return {"score": cos.cpu()}
+
+
 def choose(scores: torch.Tensor, forced: int = -1) -> int:
     """Index of the best candidate (ties -> lowest index), or ``forced`` when it is >= 0."""
     if forced >= 0:

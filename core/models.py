@@ -757,3 +757,62 @@ def list_diffusers_folders(roots: Iterable[str], unet_class: Optional[Union[str,
                 if os.path.isfile(os.path.join(sub2, "model_index.json")) and ok(sub2):
                     found.append(sub2)
     return found
+
+
+# ====================================================================================================== CLIP scorer
+CLIP_SCORER_KEYS = ("text_projection.weight", "visual_projection.weight",
+                    "text_model.embeddings.token_embedding.weight", "vision_model.embeddings.class_embedding")
+
+
+def is_full_clip(keys) -> bool:
+    """True when a state dict's keys hold a whole transformers ``CLIPModel`` (both towers and both projections), as
+    openai/clip-vit-* ``model.safetensors`` do; vision-only ``clip_vision`` files and SD text encoders do not."""
+    keys = set(keys)
+    return all(k in keys for k in CLIP_SCORER_KEYS)
+
+
+def load_clip_model(path: str, dtype: torch.dtype = torch.float32) -> "CLIPModel":
+    """A whole CLIP model (text and vision towers) from one transformers-layout weights file, offline, for scoring
+    text-image similarity (I4VGen's CLIP anchor scorer, MODELS.md §9.4).
+
+    The architecture is read from the tensor shapes: widths, layer counts, MLP sizes, patch size, image size
+    (sqrt of the position count), vocabulary, context length and projection width; heads = width / 64 (every OpenAI
+    and LAION CLIP). The activation cannot be read from weights: quick_gelu (OpenAI) unless the vision width is
+    1280 or more (LAION ViT-H/G: gelu). Raises ``ValueError`` naming the file when it is not a whole CLIP model.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    name = os.path.basename(os.fspath(path))
+    sd = read_state_dict(path)
+    if not is_full_clip(sd):
+        raise ValueError(f"'{name}' is not a whole CLIP model (text and vision towers with projections); "
+                         "vision-only clip_vision files cannot score text")
+    tok, vpos = sd["text_model.embeddings.token_embedding.weight"], sd["vision_model.embeddings.position_embedding.weight"]
+    patch = sd["vision_model.embeddings.patch_embedding.weight"]
+    v_width, t_width = int(sd["vision_model.embeddings.class_embedding"].shape[0]), int(tok.shape[1])
+    grid = int(round((vpos.shape[0] - 1) ** 0.5))
+    act = "gelu" if v_width >= 1280 else "quick_gelu"
+    text = dict(vocab_size=int(tok.shape[0]), hidden_size=t_width, num_attention_heads=max(1, t_width // 64),
+                intermediate_size=int(sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
+                num_hidden_layers=len(_ids(sd, "text_model.encoder.layers.")),
+                max_position_embeddings=int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
+                hidden_act=act, eos_token_id=49407, bos_token_id=49406, pad_token_id=1)
+    vision = dict(hidden_size=v_width, num_attention_heads=max(1, v_width // 64),
+                  intermediate_size=int(sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
+                  num_hidden_layers=len(_ids(sd, "vision_model.encoder.layers.")), patch_size=int(patch.shape[-1]),
+                  image_size=int(patch.shape[-1]) * grid, hidden_act=act)
+    config = CLIPConfig(text_config=text, vision_config=vision,
+                        projection_dim=int(sd["text_projection.weight"].shape[0]))
+    with torch.device("meta"):
+        model = CLIPModel(config)
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"'{name}': CLIP weights do not match the architecture read from them "
+                         f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+    for mod in model.modules():                          # buffers that are not in the file (position ids)
+        for bname, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_meta:
+                mod.register_buffer(bname, torch.arange(buf.shape[-1]).expand(buf.shape).clone(), persistent=False)
+    return _frozen(model.to(dtype))

@@ -1,19 +1,23 @@
 """VideoBridge nodes (V3 schema). ComfyUI calls ``comfy_entrypoint`` to get the extension and its node list."""
 from .api import ComfyExtension
 from .paths import register_animatediff_folder
+from .scorers import register_reward_folder
 
 register_animatediff_folder()          # before any node lists models/animatediff_models
+register_reward_folder()
 
 from .bivdiff import VBDDIMInvert, VBFramewiseGenerate, VBMixLatents, VBVideoDenoise  # noqa: E402
 from .evs import VBEncapsulatedT2V, VBEVSRefine  # noqa: E402
 from .jvid import VBJVIDSample, VBTemporalLatentSmoothing  # noqa: E402
+from .i4vgen import VBAnchorCandidates, VBI4VGen, VBNIVSDS, VBSelectAnchor, VBStaticVideo  # noqa: E402
 from .frames import VBDecodeFrames, VBEncodeFrames, VBRegionMask  # noqa: E402
 from .loaders import VBLoadControlNet, VBLoadImageModel, VBLoadVideoModel  # noqa: E402
 
 NODES = [VBLoadImageModel, VBLoadControlNet, VBLoadVideoModel, VBEncodeFrames, VBDecodeFrames, VBRegionMask,
          VBFramewiseGenerate,
          VBDDIMInvert, VBMixLatents, VBVideoDenoise, VBEncapsulatedT2V, VBEVSRefine,
-         VBJVIDSample, VBTemporalLatentSmoothing]
+         VBJVIDSample, VBTemporalLatentSmoothing,
+         VBAnchorCandidates, VBSelectAnchor, VBStaticVideo, VBNIVSDS, VBI4VGen]
 
 
 class VideoBridgeExtension(ComfyExtension):

@@ -238,3 +238,18 @@ def test_given_anchor_skips_candidates_and_must_match_the_size():
     assert len(den_v.log) == i4vgen.nivsds_iterations(5, 0.6) + 5
     with pytest.raises(ValueError, match="anchor: .*40x40"):
         i4vgen.i4vgen(den_i, den_v, (1, 4, 3, 5, 5), g, g, 0, i4vgen.I4VGenParams(steps=5), anchor=anchor)
+
+
+def test_clip_preprocessing_matches_transformers_clip_image_processor():
+    """Resize of the shorter side, centre crop and OpenAI normalisation as CLIPImageProcessor does them (its uint8
+    input and PIL resampling leave 0.018 at most, measured; a wrong crop, scale or channel order leaves > 0.3)."""
+    import numpy as np
+    from transformers import CLIPImageProcessor
+
+    imgs = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(0))
+    imgs = torch.nn.functional.avg_pool2d(imgs.permute(0, 3, 1, 2), 5, 1, 2).permute(0, 2, 3, 1)
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ref = proc(images=[(im.numpy() * 255).round().astype(np.uint8) for im in imgs], return_tensors="pt").pixel_values
+    ours = i4vgen.clip_pixels(imgs, 32)
+    assert ours.shape == ref.shape == (2, 3, 32, 32) and (ours - ref).abs().max() < 0.03
+    assert (i4vgen.clip_pixels(imgs.flip(-1), 32) - ref).abs().max() > 0.3
