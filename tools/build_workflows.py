@@ -24,6 +24,7 @@ BASE, INPAINT, IP2P = "v1-5-pruned-emaonly.safetensors", "sd-v1-5-inpainting.saf
 CANNY, MOTION, ZEROSCOPE = "control_v11p_sd15_canny.safetensors", "mm_sd_v15_v2.ckpt", "diffusers/zeroscope_v2_576w"
 SIZE, FRAMES = 256, 8
 INPUT_VIDEO = "videobridge_input.mp4"
+INPUT_IMAGE = "videobridge_anchor.png"
 
 # A node: (id, type, {widget: value}, {input: (source id, output slot)}, title)
 VIDEO_IN = [
@@ -265,11 +266,118 @@ def jvid_text_to_video(zeroscope=False):
     return stem, title, nodes, stages
 
 
+I4VGEN_NOTE = """I4VGen {what} (Guo et al.): image as a stepping stone
+
+{stages}
+
+Models (ComfyUI/models/...):
+- checkpoints/{base}: any SD1.5 checkpoint (the image model, and the base of AnimateDiff).
+- animatediff_models/{motion}: the AnimateDiff v2 motion module (guoyww).
+{scorer}
+Frame count and size: set once, {where}. Small defaults (8 frames, {size}x{size}); the paper's setting is 16 frames at
+512x512. Steps: 25 DDIM steps with CFG 7.5 in every stage (the official AnimateDiff setting). Without the real model
+files the main job runs tiny random stand-ins, which give noise.
+
+Knobs: p_ni (share of the grid NI-VSDS runs over: 0.6 -> 16 updates from t 961 to 361), p_re (regeneration strength:
+1.0 re-noises to t 961 and runs all 25 steps; lower keeps more of the NI-VSDS video), step_sizes (10, 10, 10, then 1,
+as the official code). Research options (last): official_candidate_schedule, official_scheduler_config and
+candidate_index reproduce the official code for comparisons."""
+
+SCORER_NOTE = """- Anchor scorer (optional): with scorer 'auto' the anchor is picked by ImageReward if image_reward/ImageReward.pt and
+  med_config.json are there (and the image-reward package is installed), else by a whole CLIP model
+  (e.g. clip_vision/clip-vit-large-patch14.safetensors, both towers), else by a score computed from the SD1.5
+  model itself (no extra files). Nothing is downloaded.
+"""
+
+
+def i4vgen_text_to_video():
+    stem = "i4vgen_text_to_video_animatediff"
+    stages_text = ("Stage 1: the image model draws 16 candidate images of the prompt and a scorer keeps the best as the "
+                   "anchor (all candidates and their scores are shown). Stage 2: a still video of the anchor is set "
+                   "in motion by noise-invariant video score distillation (NI-VSDS) with AnimateDiff; its result is "
+                   "previewed. Stage 3: AnimateDiff regenerates the video from it (VBVideoDenoise, strength = p_re). "
+                   "The prompt, seed and steps are typed once, in group 1.")
+    note = I4VGEN_NOTE.format(what="text-to-video", stages=stages_text, base=BASE, motion=MOTION, scorer=SCORER_NOTE,
+                              where="in group 3 (width, height on the candidates) and group 4 (frames on the static "
+                                    "video)", size=SIZE)
+    prompt, seed, steps = (2, 0), (3, 0), (4, 0)
+    nodes = [
+        (1, "Note", {"text": note}, {}, "What this workflow does"),
+        (2, "PrimitiveStringMultiline", {"value": FOX}, {}, "Prompt"),
+        (3, "PrimitiveInt", {"value": 0}, {}, "Seed"),
+        (4, "PrimitiveInt", {"value": 25}, {}, "Steps (every stage)"),
+        (5, "VBLoadImageModel", {"model_name": BASE}, {}, "SD1.5 checkpoint (image model)"),
+        (6, "VBLoadVideoModel", {"model_name": MOTION}, {"image_model": (5, 0)}, "AnimateDiff v2 (video model)"),
+        (7, "VBAnchorCandidates", {"negative_prompt": "", "width": SIZE, "height": SIZE, "num_candidates": 16,
+                                   "cfg": 7.5},
+         {"image_model": (5, 0), "prompt": prompt, "seed": seed, "steps": steps}, "Candidate images: width, height"),
+        (8, "VBSelectAnchor", {"negative_prompt": "", "scorer": "auto"},
+         {"image_model": (5, 0), "candidates": (7, 0), "latent": (7, 1), "prompt": prompt, "seed": seed},
+         "Select the anchor"),
+        (9, "PreviewImage", {}, {"images": (7, 0)}, "All candidates"),
+        (10, "PreviewImage", {}, {"images": (8, 0)}, "Anchor image"),
+        (11, "PreviewAny", {}, {"source": (8, 2)}, "Scores (* = anchor)"),
+        (12, "VBStaticVideo", {"frames": FRAMES}, {"latent": (8, 1)}, "Static video: frames"),
+        (13, "VBNIVSDS", {"negative_prompt": "", "cfg": 7.5, "p_ni": 0.6},
+         {"video_model": (6, 0), "latent": (12, 0), "prompt": prompt, "seed": seed, "steps": steps}, "NI-VSDS"),
+        (14, "VBDecodeFrames", {}, {"image_model": (5, 0), "latent": (13, 0)}, None),
+        (15, "SaveAnimatedWEBP", {"filename_prefix": f"videobridge/{stem}_nivsds", "fps": 8.0, "lossless": False,
+                                  "quality": 85, "method": "default"}, {"images": (14, 0)}, "NI-VSDS video"),
+        (16, "VBVideoDenoise", {"negative_prompt": "", "cfg": 7.5, "strength": 1.0},
+         {"video_model": (6, 0), "latent": (13, 0), "prompt": prompt, "seed": seed, "steps": steps},
+         "Regeneration (strength = p_re)"),
+        (17, "VBDecodeFrames", {}, {"image_model": (5, 0), "latent": (16, 0)}, None),
+        (18, "CreateVideo", {"fps": 8.0}, {"images": (17, 0)}, None),
+        (19, "SaveVideo", {"filename_prefix": f"videobridge/{stem}", "format": "auto", "codec": "auto"},
+         {"video": (18, 0)}, "Generated video"),
+    ]
+    stages = [("1 · Prompt, seed, steps", [2, 3, 4]), ("2 · Models", [5, 6]),
+              ("3 · Anchor: candidates and selection", [7, 8, 9, 10, 11]),
+              ("4 · NI-VSDS: static video set in motion", [12, 13, 14, 15]),
+              ("5 · Regeneration and output", [16, 17, 18, 19])]
+    return stem, "I4VGen text-to-video: SD1.5 anchor image + AnimateDiff (NI-VSDS, regeneration)", nodes, stages
+
+
+def i4vgen_image_to_video():
+    stem = "i4vgen_image_to_video_animatediff"
+    stages_text = ("Your picture is the anchor (the paper's real-image mode): a still video of it is set in motion by "
+                   "noise-invariant video score distillation (NI-VSDS) with AnimateDiff, then AnimateDiff regenerates "
+                   "the video from it, all in the VBI4VGen node. The NI-VSDS video is previewed. Describe the picture "
+                   "and the motion in the prompt. Pick the picture in group 1 (it is resized and centre-cropped to "
+                   "the size set there).")
+    note = I4VGEN_NOTE.format(what="image-to-video", stages=stages_text, base=BASE, motion=MOTION, scorer="",
+                              where="in group 1 (width, height of the resize) and group 3 (frames on VBI4VGen; its "
+                                    "width and height must equal the resize)", size=SIZE)
+    nodes = [
+        (1, "LoadImage", {"image": INPUT_IMAGE}, {}, "Anchor picture"),
+        (2, "ImageScale", {"upscale_method": "bilinear", "width": SIZE, "height": SIZE, "crop": "center"},
+         {"image": (1, 0)}, f"Resize to {SIZE}x{SIZE}"),
+        (3, "VBLoadImageModel", {"model_name": BASE}, {}, "SD1.5 checkpoint (image model)"),
+        (4, "VBLoadVideoModel", {"model_name": MOTION}, {"image_model": (3, 0)}, "AnimateDiff v2 (video model)"),
+        (5, "VBI4VGen", {"prompt": FOX, "negative_prompt": "", "seed": 0, "width": SIZE, "height": SIZE,
+                         "frames": FRAMES, "steps": 25, "cfg": 7.5, "scorer": "auto"},
+         {"image_model": (3, 0), "video_model": (4, 0), "anchor_image": (2, 0)}, "I4VGen: frames"),
+        (6, "VBDecodeFrames", {}, {"image_model": (3, 0), "latent": (5, 2)}, None),
+        (7, "SaveAnimatedWEBP", {"filename_prefix": f"videobridge/{stem}_nivsds", "fps": 8.0, "lossless": False,
+                                 "quality": 85, "method": "default"}, {"images": (6, 0)}, "NI-VSDS video"),
+        (8, "VBDecodeFrames", {}, {"image_model": (3, 0), "latent": (5, 0)}, None),
+        (9, "CreateVideo", {"fps": 8.0}, {"images": (8, 0)}, None),
+        (10, "SaveVideo", {"filename_prefix": f"videobridge/{stem}", "format": "auto", "codec": "auto"},
+         {"video": (9, 0)}, "Generated video"),
+        (11, "Note", {"text": note}, {}, "What this workflow does"),
+    ]
+    stages = [("1 · Anchor picture: size", [1, 2]), ("2 · Models", [3, 4]), ("3 · I4VGen", [5]),
+              ("4 · NI-VSDS preview", [6, 7]), ("5 · Output", [8, 9, 10])]
+    return stem, "I4VGen image-to-video: your picture as the anchor, set in motion by AnimateDiff (NI-VSDS)", nodes, stages
+
+
 SPECS = [controlnet_zeroscope, ip2p_animatediff, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
-         evs_refine_lightning, jvid_text_to_video, lambda: jvid_text_to_video(zeroscope=True)]
+         evs_refine_lightning, jvid_text_to_video, lambda: jvid_text_to_video(zeroscope=True), i4vgen_text_to_video,
+         i4vgen_image_to_video]
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-PREVIEW_HEIGHT = {"LoadVideo": 460, "SaveVideo": 460, "PreviewAny": 300}   # heights once their previews show
+PREVIEW_HEIGHT = {"LoadVideo": 460, "SaveVideo": 460, "PreviewAny": 300, "LoadImage": 420, "PreviewImage": 340,
+                  "SaveAnimatedWEBP": 420}                            # heights once their previews show
 GROUP_PAD, GROUP_TITLE = 20, 70     # a node's title bar (30 px) sits above its pos; the group title above that
 
 

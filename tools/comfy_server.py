@@ -536,6 +536,30 @@ def set_input_video(api_prompt: dict, filename: str, node_id: str | None = None)
     return changed
 
 
+IMAGE_LOADERS = {"LoadImage": "image"}
+
+
+def set_input_image(api_prompt: dict, filename: str) -> list:
+    """Point every core ``LoadImage`` node at ``filename`` in the input folder; returns the ids changed."""
+    changed = []
+    for nid, node in api_prompt.items():
+        inp = IMAGE_LOADERS.get(node.get("class_type"))
+        if inp:
+            node.setdefault("inputs", {})[inp] = filename
+            changed.append(nid)
+    return changed
+
+
+def write_still(video: str, dest: str) -> str:
+    """Save the middle frame of ``video`` as a PNG at ``dest`` (the anchor picture of image-to-video workflows when
+    none is given); returns ``dest``."""
+    from PIL import Image
+
+    frames = read_video(video)
+    Image.fromarray(frames[len(frames) // 2]).save(dest)
+    return dest
+
+
 def _is_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 

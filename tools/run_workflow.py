@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The main job: run one of the pack's workflows in a real ComfyUI, on a real video, and print the output file(s).
 
-    python3 tools/run_workflow.py [WORKFLOW] [--input VIDEO] [--output DIR]
+    python3 tools/run_workflow.py [WORKFLOW] [--input VIDEO] [--image PICTURE] [--output DIR]
 
 WORKFLOW is a file name or path in ``workflows/`` (default: the BIVDiff ControlNet + ZeroScope workflow).
 Without ``--input`` the input is a short real clip (a running fox, an animated preview shipped in the PyPI package
@@ -51,6 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("workflow", nargs="?", default=None,
                     help=f"workflow name or path (default: workflows/{DEFAULT_WORKFLOW})")
     ap.add_argument("--input", metavar="VIDEO", help="your own input video (default: a short real clip)")
+    ap.add_argument("--image", metavar="PICTURE",
+                    help="your own picture for workflows with a LoadImage node (image-to-video; default: the middle "
+                         "frame of the input video)")
     ap.add_argument("--output", metavar="DIR", default=os.path.join(REPO_ROOT, "out"),
                     help="where ComfyUI writes the outputs (default: out/ in the repository, git-ignored)")
     ap.add_argument("--frames", type=int, default=16, help="frames of the default clip (default 16)")
@@ -293,7 +296,8 @@ class Progress:
 
 def run_in_env(args) -> int:
     sys.path.insert(0, REPO_ROOT)
-    from tools.comfy_server import ComfyError, ComfyServer, PromptFailed, PromptRejected, set_input_video
+    from tools.comfy_server import (ComfyError, ComfyServer, PromptFailed, PromptRejected, set_input_image,
+                                    set_input_video, write_still)
 
     comfy_dir = os.environ["VIDEOBRIDGE_COMFYUI"]
     cache = os.environ.get("VIDEOBRIDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
@@ -307,6 +311,9 @@ def run_in_env(args) -> int:
     say(f"Models: {models_dir}" + (f" (+ stand-ins in {', '.join(extra_dirs)})" if extra_dirs else ""))
     if args.input and not os.path.isfile(args.input):
         say(f"error: input video {args.input} not found")
+        return 1
+    if args.image and not os.path.isfile(args.image):
+        say(f"error: input picture {args.image} not found")
         return 1
     output_dir = os.path.abspath(args.output)
     os.makedirs(output_dir, exist_ok=True)
@@ -328,8 +335,17 @@ def run_in_env(args) -> int:
             say(f"  ready in {time.monotonic() - t_start:.1f}s at {srv.url} (log: {srv.log_path})")
             api = srv.convert(ui)
             loaders = set_input_video(api, name)
-            if not loaders:
-                say("WARNING: the workflow has no LoadVideo node; the input video is not used")
+            if any(n.get("class_type") == "LoadImage" for n in api.values()):
+                if args.image:
+                    still = os.path.basename(args.image)
+                    shutil.copyfile(args.image, srv.input_path(still))
+                else:
+                    still = os.path.splitext(name)[0] + "_still.png"
+                    write_still(srv.input_path(name), srv.input_path(still))
+                set_input_image(api, still)
+                say(f"Input picture: {args.image or 'the middle frame of the input video'}")
+            elif not loaders:
+                say("NOTE: the workflow has no LoadVideo node (text-to-video); the input video is not used")
             progress = Progress(api)
             t_run = time.monotonic()
             prompt_id = srv.post(api, ui_workflow=ui)

@@ -7,7 +7,8 @@ workflow tests (under CI, ``CI`` set, it fails instead: a CI run must never skip
 Fixtures:
 - ``comfy``: a started :class:`tools.comfy_server.ComfyServer` with the pack linked in; its models folder holds the
   standard stand-ins of ``tools/standins.py`` (cached per version of that file), its input folder a synthetic clip
-  (``comfy.test_clip``, ``comfy.test_clip_frames`` frames of ``comfy.test_clip_size`` (H, W)). The server starts even
+  (``comfy.test_clip``, ``comfy.test_clip_frames`` frames of ``comfy.test_clip_size`` (H, W)) and its middle frame
+  as a picture (``comfy.test_image``). The server starts even
   if the pack fails to import, so that ``test_pack_imports`` can report it as one clear failure
   (``comfy.import_failures()``).
 - ``run_ui``: ``run_ui(ui_workflow, models=None, video=None, timeout=600) -> (entry, api)``: convert, set the model
@@ -26,9 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tools.comfy_server import ComfyServer, set_input_video, set_model_names, synthetic_clip, write_video  # noqa: E402
+from tools.comfy_server import (ComfyServer, set_input_image, set_input_video, set_model_names,  # noqa: E402
+                                synthetic_clip, write_still, write_video)
 
 TEST_CLIP = "videobridge_test_clip.mp4"
+TEST_IMAGE = "videobridge_test_still.png"
 TEST_CLIP_FRAMES = 8
 TEST_CLIP_SIZE = (64, 64)  # (H, W)
 TEST_CLIP_FPS = 8
@@ -89,7 +92,9 @@ def comfy():
     srv = ComfyServer(comfy_dir, python=python, models_dir=models_dir, cpu=True, check_imports=False)
     h, w = TEST_CLIP_SIZE
     write_video(srv.input_path(TEST_CLIP), synthetic_clip(TEST_CLIP_FRAMES, h, w), fps=TEST_CLIP_FPS)
+    write_still(srv.input_path(TEST_CLIP), srv.input_path(TEST_IMAGE))
     srv.test_clip, srv.test_clip_frames, srv.test_clip_size = TEST_CLIP, TEST_CLIP_FRAMES, TEST_CLIP_SIZE
+    srv.test_image = TEST_IMAGE
     with srv:
         yield srv
 
@@ -101,6 +106,7 @@ def run_ui(comfy):
         if models:
             set_model_names(api, models)
         set_input_video(api, video or comfy.test_clip)
+        set_input_image(api, comfy.test_image)
         entry = comfy.run(api, timeout=timeout, ui_workflow=ui_workflow if isinstance(ui_workflow, dict) else None)
         return entry, api
     return run

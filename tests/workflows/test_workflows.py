@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.comfy_server import PromptRejected, execution_error, is_interrupted, read_video, set_input_video
+from tools.comfy_server import (PromptRejected, execution_error, is_interrupted, read_video, set_input_image,
+                                set_input_video)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
@@ -24,6 +25,7 @@ def api_for(comfy, path, steps=STEPS):
         if node["class_type"].startswith("VB") and "steps" in node["inputs"]:
             node["inputs"]["steps"] = steps
     set_input_video(api, comfy.test_clip)
+    set_input_image(api, comfy.test_image)
     return ui, api
 
 
@@ -93,13 +95,11 @@ def test_evs_workflow_explains_every_knob():
 def test_workflow_runs_on_a_real_clip(comfy, path):
     ui, api = api_for(comfy, path)
     # the size and frame count are set once: on the input stage, or on the sampler of a text-to-video graph
-    size = next((n["inputs"] for n in api.values() if n["class_type"] == "ImageScale"), None)
-    if size is None:
-        size = next(n["inputs"] for n in api.values() if {"width", "height", "frames"} <= set(n["inputs"]))
-        frames = size["frames"]
-    else:
-        frames = min(next(n["inputs"]["length"] for n in api.values() if n["class_type"] == "ImageFromBatch"),
-                     comfy.test_clip_frames)
+    size = next((n["inputs"] for n in api.values() if n["class_type"] == "ImageScale"), None) or \
+        next(n["inputs"] for n in api.values() if {"width", "height"} <= set(n["inputs"]))
+    cut = [n["inputs"]["length"] for n in api.values() if n["class_type"] == "ImageFromBatch"]
+    frames = min(cut[0], comfy.test_clip_frames) if cut else \
+        next(n["inputs"]["frames"] for n in api.values() if "frames" in n["inputs"])
     entry = comfy.run(api, timeout=1200, ui_workflow=ui)
     files = comfy.output_paths(entry)
     videos = [f for f in files if f.endswith(".mp4")]
