@@ -150,7 +150,7 @@ def test_official_schedule_is_diffusers_default_ddim_on_linear_betas():
 
 # ------------------------------------------------------------------ the whole method against the official loops
 def official_pipeline(unet2d, video_unet, text_uncond, text_cond, noise, index, F, steps=25, g=7.5, p_ni=0.6, p_re=1.0,
-                      constant_noise=None, regen_noise=None):
+                      constant_noise=None, regen_noise=None, candidates=None):
     """pipeline_animation.py ``AnimationPipeline.__call__`` stages 1-1, 2-1 and 2-2 transcribed line by line with its
     scheduler (diffusers DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear")). The official
     UNet3D on 1-frame clips is the plain SD UNet (its motion modules skip clips under 16 frames; METHODS §7.2 I1);
@@ -164,12 +164,13 @@ def official_pipeline(unet2d, video_unet, text_uncond, text_cond, noise, index, 
     text_embeddings = torch.cat([text_uncond, text_cond])
     image_text_embeddings = torch.cat([text_embeddings[0:1]] * F + [text_embeddings[1:2]] * F, dim=0)
     latents = rearrange(noise, "b c f h w -> (b f) c h w")               # candidate n = frame n of the T2V draw
-    for t in timesteps:
+    for t in timesteps if candidates is None else []:                    # (given candidates: the benchmark's (C))
         inp = torch.cat([latents] * 2)
         pred = unet2d(inp, t, encoder_hidden_states=image_text_embeddings).sample
         u, c = pred.chunk(2)
         latents = sch.step(u + g * (c - u), t, latents).prev_sample
-    candidates = latents.clone()
+    candidates = latents.clone() if candidates is None else candidates
+    latents = candidates
     latents = torch.cat([latents[index:index + 1].unsqueeze(2)] * F, dim=2)
     tau = int(steps * p_ni) + 1
     z = latents.clone()
