@@ -33,14 +33,14 @@ logging.getLogger("diffusers.models.modeling_utils").addFilter(
 if TYPE_CHECKING:  # the heavy imports happen inside the loaders
     from diffusers import AutoencoderKL, ControlNetModel, MotionAdapter, UNet2DConditionModel, UNet3DConditionModel
     from diffusers import UNetMotionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 __all__ = [
     "ImageModel", "VideoModel", "PerFrameGroupNorm", "read_state_dict", "detect_file_kind",
     "sd15_configs_from_weights", "load_image_model", "load_tokenizer", "clip_tokenizer_from_open_clip",
     "load_motion_adapter", "use_per_frame_motion_norm", "build_animatediff", "load_unet3d_folder",
     "controlnet_config_from_weights", "load_controlnet", "encode_prompts", "list_diffusers_folders",
-    "VARIANTS_BY_IN_CHANNELS", "TOKENIZER_MAX_LENGTH",
+    "VARIANTS_BY_IN_CHANNELS", "TOKENIZER_MAX_LENGTH", "is_full_clip", "load_clip_model",
 ]
 
 TOKENIZER_MAX_LENGTH = 77

@@ -6,7 +6,7 @@ uses for that stage, so a staged graph whose nodes share one seed gives the one-
 """
 from __future__ import annotations
 
-import dataclasses
+import logging
 
 import torch
 from einops import rearrange
@@ -19,6 +19,7 @@ from . import runtime, scorers, types, widgets
 from .api import io
 from .bivdiff import latent_scale
 
+log = logging.getLogger(__name__)
 D = i4vgen.I4VGenParams()
 NODE_CATEGORY = "VideoBridge/I4VGen"
 
@@ -136,7 +137,7 @@ def _select(node, image_model, prompt, negative_prompt, scorer, images, latents,
     except ValueError as e:
         raise _named(node, e) from None
     text = scorers.table(kind, scores, index)
-    print(f"[VideoBridge] {node} {text}")
+    log.info("%s %s", node, text)
     return index, scores, text
 
 
@@ -401,7 +402,7 @@ class VBI4VGen(io.ComfyNode):
             text = scorers.table(kind_text, res.scores, res.index)
             cands = picked["images"] if "images" in picked else _decode(image_model, res.candidates, cb)
             anchor_px = cands[res.index:res.index + 1]
-            print(f"[VideoBridge] {node} {text}")
+            log.info("%s %s", node, text)
         runtime.progress_text(text.split("\n")[0])
         return io.NodeOutput(runtime.to_latent(res.video, scale), anchor_px, runtime.to_latent(res.ni_vsds, scale),
                              cands, text)

@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import logging
 import os
+import sys
 from typing import Optional
 
 import folder_paths
@@ -65,9 +67,7 @@ def _imagereward_available() -> Optional[tuple]:
     files = find_imagereward()
     if files is None:
         return None
-    try:
-        import ImageReward  # noqa: F401
-    except ImportError:
+    if "ImageReward" not in sys.modules and importlib.util.find_spec("ImageReward") is None:
         log.warning("ImageReward weights are in models/%s but the image-reward package is not installed; "
                     "using another scorer", REWARD_KEY)
         return None
