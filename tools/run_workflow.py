@@ -3,7 +3,9 @@
 
     python3 tools/run_workflow.py [WORKFLOW] [--input VIDEO] [--image PICTURE] [--output DIR]
 
-WORKFLOW is a file name or path in ``workflows/`` (default: the BIVDiff ControlNet + ZeroScope workflow).
+WORKFLOW is a path, a file name in ``workflows/``, a shipped workflow's id (``bivdiff_ip2p_animatediff``; printed
+when the name is unknown) or a word matching one file name (``inpaint``); default: the BIVDiff ControlNet + ZeroScope
+workflow.
 Without ``--input`` the input is a short real clip (a running fox, an animated preview shipped in the PyPI package
 ``comfyui-workflow-templates-media-video``, which ComfyUI itself installs), decoded to mp4 at run time.
 
@@ -29,7 +31,7 @@ from typing import Optional
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TOOLS)
 WORKFLOWS = os.path.join(REPO_ROOT, "workflows")
-DEFAULT_WORKFLOW = "bivdiff_controlnet_zeroscope.json"
+DEFAULT_WORKFLOW = "bivdiff_controlnet_zeroscope"              # a workflow id (extra.info.id)
 IN_ENV = "VIDEOBRIDGE_RUN_IN_ENV"
 STANDIN_REGISTRY = ".videobridge-standins.json"  # in a models dir: which files there are stand-ins
 
@@ -49,19 +51,20 @@ def parse_args(argv=None):
         prog="python3 tools/run_workflow.py",
         description="Run a ComfyUI-VideoBridge workflow in a real ComfyUI and print the output video path(s).")
     ap.add_argument("workflow", nargs="?", default=None,
-                    help=f"workflow name or path (default: workflows/{DEFAULT_WORKFLOW})")
+                    help=f"workflow id, file name, word of a file name, or path (default: {DEFAULT_WORKFLOW})")
     ap.add_argument("--input", metavar="VIDEO", help="your own input video (default: a short real clip)")
     ap.add_argument("--image", metavar="PICTURE",
                     help="your own picture for workflows with a LoadImage node (image-to-video; default: the middle "
                          "frame of the input video)")
     ap.add_argument("--output", metavar="DIR", default=os.path.join(REPO_ROOT, "out"),
                     help="where ComfyUI writes the outputs (default: out/ in the repository, git-ignored)")
-    ap.add_argument("--frames", type=int, default=16, help="frames of the default clip (default 16)")
+    ap.add_argument("--frames", type=int, default=16,
+                    help="frames of the default clip (default 16, or the workflow's frame count if larger)")
     ap.add_argument("--width", type=int, default=448,
                     help="width of the default clip, rounded to a multiple of 64; height follows (default 448)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run (default 3600)")
     ap.add_argument("--thumbnail", metavar="JPG",
-                    help="also save a 2x2 grid of frames of the output video as this JPEG (workflow thumbnails)")
+                    help="also save a thumbnail JPEG: the input and every stage output of the run, a row each")
     ap.add_argument("--keep", action="store_true", help="keep ComfyUI's temporary base directory and log")
     ap.add_argument("--no-import-check", action="store_true",
                     help="start even if the pack fails to import (debugging; its nodes are then missing)")
@@ -91,15 +94,37 @@ def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def workflow_files() -> list:
+    return sorted(os.path.join(WORKFLOWS, f) for f in os.listdir(WORKFLOWS) if f.endswith(".json")) \
+        if os.path.isdir(WORKFLOWS) else []
+
+
+def workflow_id(path: str) -> str:
+    """The short id of a shipped workflow (``extra.info.id``, e.g. ``bivdiff_ip2p_animatediff``), else its stem."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            return json.load(fh).get("extra", {}).get("info", {}).get("id") or os.path.basename(path)[:-5]
+    except (OSError, ValueError):
+        return os.path.basename(path)[:-5]
+
+
 def resolve_workflow(name: str | None) -> tuple:
-    """(path, UI workflow dict) of a workflow name or path; None is the default workflow."""
+    """(path, UI workflow dict) of a workflow: a path, a file name in ``workflows/``, a shipped workflow's id
+    (``bivdiff_ip2p_animatediff``) or a word that matches exactly one file name (``"inpaint"``); None is the
+    default workflow."""
     name = name or DEFAULT_WORKFLOW
     candidates = [name, os.path.join(WORKFLOWS, name), os.path.join(WORKFLOWS, name + ".json")]
     path = next((p for p in candidates if os.path.isfile(p)), None)
+    files = workflow_files()
     if path is None:
-        available = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".json")) if os.path.isdir(WORKFLOWS) else []
-        raise SystemExit(f"error: workflow {name!r} not found (looked in {WORKFLOWS}); "
-                         f"available: {', '.join(available) or 'none'}")
+        path = next((p for p in files if workflow_id(p) == name), None)
+    if path is None:
+        hits = [p for p in files if name.lower() in os.path.basename(p).lower()]
+        path = hits[0] if len(hits) == 1 else None
+    if path is None:
+        listing = "\n  ".join(f"{workflow_id(p)}: {os.path.basename(p)}" for p in files) or "none"
+        raise SystemExit(f"error: workflow {name!r} not found or not unique (looked in {WORKFLOWS}); "
+                         f"available (id: file):\n  {listing}")
     with open(path, "r", encoding="utf-8") as fh:
         ui = json.load(fh)
     if "nodes" not in ui:
@@ -222,8 +247,8 @@ def find_default_clip() -> str:
 
 
 def decode_default_clip(dest: str, frames: int, width: int, fps: float = 16.0) -> str:
-    """Decode the animated preview to mp4: the first ``frames`` frames, scaled and centre-cropped to multiples
-    of 64."""
+    """Decode the animated preview to mp4: ``frames`` frames (forward, then back and forth when it has fewer),
+    scaled and centre-cropped to multiples of 64."""
     import numpy as np
     from PIL import Image
 
@@ -231,20 +256,23 @@ def decode_default_clip(dest: str, frames: int, width: int, fps: float = 16.0) -
 
     src = find_default_clip()
     im = Image.open(src)
-    n = min(frames, getattr(im, "n_frames", 1))
+    total = getattr(im, "n_frames", 1)
+    order = list(range(total)) + list(range(total - 2, 0, -1))          # ping-pong when more frames are wanted
+    order = [order[i % len(order)] for i in range(frames)] if total > 1 else [0] * frames
+    n = len(order)
     w64 = max(64, int(round(width / 64)) * 64)
     scale = w64 / im.width
     h_scaled = max(64, int(round(im.height * scale)))
     h64 = max(64, (h_scaled // 64) * 64)
     out = []
-    for i in range(n):
+    for i in order:
         im.seek(i)
         fr = im.convert("RGB").resize((w64, h_scaled), Image.LANCZOS)
         top = (h_scaled - h64) // 2
         out.append(np.asarray(fr.crop((0, top, w64, top + h64))))
     write_video(dest, np.stack(out), fps=fps)
     say(f"Input: {n} frames {w64}x{h64} @ {fps:g} fps from {os.path.basename(src)} "
-        f"(package {MEDIA_MODULE}) -> {dest}")
+        f"(package {MEDIA_MODULE}{'; played forward and back' if n > total else ''}) -> {dest}")
     return dest
 
 
@@ -329,12 +357,14 @@ def run_in_env(args) -> int:
             say(f"Input: {args.input}")
         else:
             name = "videobridge_default_clip.mp4"
-            decode_default_clip(srv.input_path(name), args.frames, args.width)
+            wanted = [n.get("widgets_values", [0, 0])[1] for n in ui.get("nodes", []) if n.get("type") == "ImageFromBatch"]
+            decode_default_clip(srv.input_path(name), max([args.frames] + [int(v) for v in wanted]), args.width)
         say("Starting ComfyUI ...")
         with srv:
             say(f"  ready in {time.monotonic() - t_start:.1f}s at {srv.url} (log: {srv.log_path})")
             api = srv.convert(ui)
             loaders = set_input_video(api, name)
+            still = None
             if any(n.get("class_type") == "LoadImage" for n in api.values()):
                 if args.image:
                     still = os.path.basename(args.image)
@@ -362,6 +392,16 @@ def run_in_env(args) -> int:
                 return 1
             outputs = srv.output_paths(entry)
             say(f"Finished in {time.monotonic() - t_run:.1f}s.")
+            rows = None
+            if args.thumbnail:                   # while the server's input and temp folders still exist
+                has_video = any(n.get("class_type") == "LoadVideo" for n in api.values())
+                try:
+                    rows = thumbnail_rows(ui, entry, lambda nid: srv.output_paths(entry, nid),
+                                          srv.input_path(name) if has_video else None,
+                                          srv.input_path(still) if still else None)
+                except ValueError as exc:
+                    say(f"error: --thumbnail: {exc}")
+                    return 1
     except PromptRejected as exc:
         say(f"error: ComfyUI rejected the workflow:\n{exc}")
         return 1
@@ -382,12 +422,10 @@ def run_in_env(args) -> int:
     say("Output file(s):")
     for p in videos or outputs:
         say(f"  {p}")
-    if args.thumbnail:
-        mp4 = [p for p in outputs if p.lower().endswith(".mp4")]
-        if not mp4:
-            say("error: --thumbnail needs an mp4 output (SaveVideo)")
-            return 1
-        write_thumbnail(mp4[0], args.thumbnail,
+    if rows:
+        if standins:                             # every output row says what it is
+            rows = [(t if t.startswith("input") else f"{t}: stand-in models", f) for t, f in rows]
+        write_thumbnail(rows, args.thumbnail,
                         label="stand-in random-weight models: a smoke run, not a real result" if standins else None)
         say(f"Thumbnail: {args.thumbnail}")
     if standins:
@@ -397,27 +435,78 @@ def run_in_env(args) -> int:
     return 0
 
 
-def write_thumbnail(video: str, dest: str, size: int = 256, label: Optional[str] = None) -> None:
-    """A 2x2 grid of four evenly spaced frames of ``video`` as a JPEG (ComfyUI shows ``<workflow>.jpg`` as the
-    template's thumbnail). ``label`` is written across the middle on a dark band (used for stand-in smoke runs, so a
-    thumbnail never shows unlabelled noise)."""
-    from PIL import Image, ImageDraw, ImageFont
+def thumbnail_rows(ui: dict, entry: dict, output_paths, input_video: Optional[str],
+                   input_image: Optional[str]) -> list:
+    """What a workflow's thumbnail shows, top to bottom: ``[(label, frames)]`` with frames as PIL images: the input
+    (the clip's first frames, or the picture), then every saved or previewed stage output in graph order (an animated
+    WEBP, or a single previewed image such as an I4VGen anchor; multi-image previews are left out), then the output
+    video. ``output_paths(node_id)`` lists a node's output files."""
+    from PIL import Image
     from tools.comfy_server import read_video
 
-    frames = read_video(video)
-    picks = [frames[round(i * (len(frames) - 1) / 3)] for i in range(4)]
-    grid = Image.new("RGB", (2 * size, 2 * size))
-    for i, f in enumerate(picks):
-        grid.paste(Image.fromarray(f).resize((size, size)), ((i % 2) * size, (i // 2) * size))
+    rows, final = [], None
+    by_id = {str(n["id"]): n for n in ui.get("nodes", [])}
+    outputs = entry.get("outputs") or {}
+    for nid in sorted(outputs, key=lambda k: int(k) if str(k).isdigit() else 0):
+        node = by_id.get(str(nid), {})
+        title = node.get("title") or node.get("type", "output")
+        files = output_paths(nid)
+        videos = [f for f in files if f.lower().endswith(".mp4")]
+        webps = [f for f in files if f.lower().endswith(".webp")]
+        pngs = [f for f in files if f.lower().endswith(".png")]
+        if videos:
+            final = (title, [Image.fromarray(f) for f in read_video(videos[0])])
+        elif webps:
+            with Image.open(webps[0]) as im:
+                frames = []
+                for k in range(getattr(im, "n_frames", 1)):
+                    im.seek(k)
+                    frames.append(im.convert("RGB"))
+            rows.append((title, frames))
+        elif len(pngs) == 1:
+            rows.append((title, [Image.open(pngs[0]).convert("RGB")]))
+    if final is None:
+        raise ValueError("the run saved no video (SaveVideo), so there is nothing to show")
+    n = len(final[1])
+    if input_image:
+        rows.insert(0, ("input picture", [Image.open(input_image).convert("RGB")]))
+    elif input_video:
+        rows.insert(0, ("input video", [Image.fromarray(f) for f in read_video(input_video)[:n]]))
+    if not rows:                                 # text-to-video with nothing else to show: the video on two rows
+        half = max(1, n // 2)
+        return [(final[0], final[1][:half]), (final[0] + " (continued)", final[1][half:] or final[1][-1:])]
+    return rows + [final]
+
+
+def write_thumbnail(rows: list, dest: str, cell: int = 170, label: Optional[str] = None) -> None:
+    """The workflow's thumbnail as a JPEG (ComfyUI shows ``<workflow>.jpg`` in its template browser): one row per
+    ``(label, frames)`` of :func:`thumbnail_rows`, three evenly spaced frames each (a single image once), each row's
+    label on a dark strip. ``label`` is written across the last row on a dark band (stand-in smoke runs, so that a
+    thumbnail never shows unlabelled noise)."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    cols = 3
+    grid = Image.new("RGB", (cols * cell, len(rows) * cell), (24, 24, 24))
+    draw = ImageDraw.Draw(grid)
+    small = ImageFont.load_default(size=max(10, cell // 11))
+    for r, (title, frames) in enumerate(rows):
+        picks = [frames[0]] if len(frames) == 1 else \
+            [frames[round(i * (len(frames) - 1) / (cols - 1))] for i in range(cols)]
+        for c, f in enumerate(picks):
+            grid.paste(ImageOps.fit(f, (cell, cell)), (c * cell, r * cell))
+        box = draw.textbbox((6, r * cell + 4), title, font=small)
+        draw.rectangle((0, r * cell, box[2] + 6, box[3] + 4), fill=(20, 20, 20))
+        draw.text((6, r * cell + 4), title, fill=(235, 235, 235), font=small)
     if label:
-        draw = ImageDraw.Draw(grid)
-        font = ImageFont.load_default(size=max(12, size // 12))
+        W, H = grid.size
+        font = ImageFont.load_default(size=max(12, W // 26))
         width = draw.textlength(label, font=font)
-        if width > 2 * size - 20:
-            font = ImageFont.load_default(size=max(8, int(font.size * (2 * size - 20) / width)))
-        box = draw.textbbox((size, size), label, font=font, anchor="mm")
-        draw.rectangle((0, box[1] - 10, 2 * size, box[3] + 10), fill=(20, 20, 20))
-        draw.text((size, size), label, fill=(255, 220, 120), font=font, anchor="mm")
+        if width > W - 20:
+            font = ImageFont.load_default(size=max(8, int(font.size * (W - 20) / width)))
+        y = H - cell // 2                        # across the last row: the output the stand-ins made
+        box = draw.textbbox((W // 2, y), label, font=font, anchor="mm")
+        draw.rectangle((0, box[1] - 8, W, box[3] + 8), fill=(20, 20, 20))
+        draw.text((W // 2, y), label, fill=(255, 220, 120), font=font, anchor="mm")
     grid.save(dest, quality=85)
 
 

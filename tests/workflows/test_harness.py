@@ -64,3 +64,41 @@ def test_pack_imports(comfy):
     info = comfy.object_info()
     assert "VBLoadImageModel" in info
     assert info["VBLoadImageModel"]["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"
+
+
+def test_thumbnail_shows_the_input_then_each_stage_output_labelled(tmp_path):
+    """Rows in graph order: the input clip, a saved stage WEBP, a single previewed image, the output video; multi-image
+    previews are left out; the stand-in banner lies across the last row; no video -> a clear error."""
+    import numpy as np
+    from PIL import Image
+
+    from tools.comfy_server import synthetic_clip, write_video
+    from tools.run_workflow import thumbnail_rows, write_thumbnail
+
+    clip = synthetic_clip(6, 32, 32)
+    write_video(str(tmp_path / "in.mp4"), clip)
+    write_video(str(tmp_path / "out.mp4"), 255 - clip)
+    frames = [Image.fromarray(f) for f in clip]
+    frames[0].save(tmp_path / "stage.webp", save_all=True, append_images=frames[1:])
+    frames[2].save(tmp_path / "anchor.png")
+    for k in range(3):
+        frames[k].save(tmp_path / f"cand{k}.png")
+    ui = {"nodes": [{"id": 5, "type": "SaveAnimatedWEBP", "title": "Frame-wise"},
+                    {"id": 7, "type": "PreviewImage", "title": "Anchor"},
+                    {"id": 6, "type": "PreviewImage", "title": "Candidates"},
+                    {"id": 9, "type": "SaveVideo", "title": "Smoothed"}]}
+    files = {"5": ["stage.webp"], "7": ["anchor.png"], "6": ["cand0.png", "cand1.png", "cand2.png"],
+             "9": ["out.mp4"]}
+    entry = {"outputs": {k: {} for k in files}}
+    paths = lambda nid: [str(tmp_path / f) for f in files[str(nid)]]   # noqa: E731
+    rows = thumbnail_rows(ui, entry, paths, str(tmp_path / "in.mp4"), None)
+    assert [t for t, _ in rows] == ["input video", "Frame-wise", "Anchor", "Smoothed"]
+    assert [len(f) for _, f in rows] == [6, 6, 1, 6]
+    write_thumbnail(rows, str(tmp_path / "t.jpg"), cell=60, label="stand-in")
+    im = np.asarray(Image.open(tmp_path / "t.jpg").convert("RGB")).astype(int)
+    assert im.shape == (4 * 60, 3 * 60, 3)
+    assert (np.abs(im[3 * 60 + 30, 1:5] - [20, 20, 20]) < 25).all()          # the banner across the last row
+    assert np.abs(im[60 + 30, 100] - [20, 20, 20]).max() > 40                 # the stage row is visible
+    assert (np.abs(im[2 * 60 + 30, 150] - [24, 24, 24]) < 25).all()           # the anchor is shown once
+    with pytest.raises(ValueError, match="no video"):
+        thumbnail_rows(ui, {"outputs": {"5": {}}}, paths, None, None)

@@ -14,6 +14,16 @@ from tools.comfy_server import (PromptRejected, execution_error, is_interrupted,
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+
+
+def workflow_id(path):
+    """The workflow's short id (``extra.info.id``): file names are titles for ComfyUI's template browser."""
+    with open(path) as f:
+        return json.load(f)["extra"]["info"]["id"]
+
+
+def by_id(wid):
+    return next(p for p in WORKFLOWS if workflow_id(p) == wid)
 STEPS = 3                                      # CI speed; everything else runs as shipped
 
 
@@ -29,10 +39,17 @@ def api_for(comfy, path, steps=STEPS):
     return ui, api
 
 
-def test_every_workflow_has_a_thumbnail():
+def test_every_workflow_has_a_thumbnail_and_a_readable_unique_id():
+    """ComfyUI 0.3.75's template browser shows a custom node's template by its file name (and its .jpg): the name
+    must read as a title (method first, spaces, no underscores) and the id in the metadata must be unique."""
     assert WORKFLOWS
+    ids = [workflow_id(p) for p in WORKFLOWS]
+    assert len(set(ids)) == len(ids)
     for path in WORKFLOWS:
-        assert os.path.isfile(path[:-5] + ".jpg"), f"{os.path.basename(path)} has no thumbnail"
+        name = os.path.basename(path)[:-5]
+        assert os.path.isfile(path[:-5] + ".jpg"), f"{name} has no thumbnail"
+        assert name.split(" - ")[0] in ("BIVDiff", "EVS", "JVID", "I4VGen") and "_" not in name and " " in name
+        assert not set(name) & set('#?%&\\/:*"<>|'), f"{name!r} has a character that breaks URLs or Windows paths"
 
 
 TITLE = 30          # LiteGraph draws a node's title bar above its pos
@@ -47,7 +64,7 @@ def _overlap(a, b):
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: os.path.basename(p)[:-5])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=workflow_id)
 def test_workflow_layout_has_no_overlaps(path):
     """Nodes (title bars included, video previews grown) never overlap; groups never overlap and each node is wholly
     inside one group or outside all; a Note names every model file its loaders use and says stand-ins give noise."""
@@ -81,7 +98,7 @@ def test_workflow_layout_has_no_overlaps(path):
 
 
 def test_evs_workflow_explains_every_knob():
-    path = os.path.join(ROOT, "workflows", "evs_refine_animatediff_lightning.json")
+    path = by_id("evs_refine_animatediff_lightning")
     with open(path) as f:
         ui = json.load(f)
     note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
@@ -91,7 +108,7 @@ def test_evs_workflow_explains_every_knob():
     assert {g["title"].split(" · ")[0] for g in ui["groups"]} == {"1", "2", "3", "4"}
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: os.path.basename(p)[:-5])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=workflow_id)
 def test_workflow_runs_on_a_real_clip(comfy, path):
     ui, api = api_for(comfy, path)
     # the size and frame count are set once: on the input stage, or on the sampler of a text-to-video graph
@@ -128,7 +145,7 @@ def test_bad_widget_value_is_rejected_by_validation(comfy):
 
 
 def test_mismatched_mask_frames_fail_with_a_clear_error(comfy):
-    path = next(p for p in WORKFLOWS if "inpaint" in p)
+    path = by_id("bivdiff_inpaint_zeroscope")
     _, api = api_for(comfy, path)
     gen = next(k for k, n in api.items() if n["class_type"] == "VBFramewiseGenerate")
     src = api[gen]["inputs"]["images"]
@@ -142,7 +159,7 @@ def test_mismatched_mask_frames_fail_with_a_clear_error(comfy):
 
 
 def test_cancel_in_the_middle_of_sampling(comfy):
-    path = next(p for p in WORKFLOWS if "controlnet" in p)
+    path = by_id("bivdiff_controlnet_zeroscope")
     _, api = api_for(comfy, path, steps=400)
     seen = []
 
@@ -166,7 +183,7 @@ def test_evs_workflow_with_selective_feature_injection_then_without(comfy):
     """The EVS graph with the inversion + SFI block ('deep': the stand-ins have no full-resolution attention) runs in
     the server, gives another video than the SDEdit block, and the cached video model is left unpatched for the next
     prompt (the SDEdit run afterwards reproduces the first SDEdit run exactly)."""
-    path = os.path.join(ROOT, "workflows", "evs_refine_animatediff_lightning.json")
+    path = by_id("evs_refine_animatediff_lightning")
 
     def run(**refine):
         _, api = api_for(comfy, path)
