@@ -56,12 +56,15 @@ class CallContext:
         are ``(branch frame)``.
     frames: ``(start, stop)`` of the frames in this call within the clip (frame chunking).
     num_frames: frames in the whole clip.
+    window: the frame indices of this call's clip in the whole clip when it is one context window of it
+        (``core.context``), else None. Features are stored and looked up per window.
     """
     step: Optional[int]
     timestep: Timestep
     branches: tuple
     frames: tuple
     num_frames: int
+    window: Optional[tuple] = None
 
     @property
     def chunk_frames(self) -> int:
@@ -167,32 +170,56 @@ class FeatureBank:
     @property
     def layers(self) -> tuple:
         """Captured layer names, in capture order."""
-        return tuple(dict.fromkeys(layer for layer, _ in self.entries))
+        return tuple(dict.fromkeys(key[0] for key in self.entries))
 
     @property
     def timesteps(self) -> tuple:
         """Captured timesteps, descending."""
-        return tuple(sorted({t for _, t in self.entries}, reverse=True))
+        return tuple(sorted({key[1] for key in self.entries}, reverse=True))
+
+    @property
+    def windowed(self) -> bool:
+        """True when the features were captured per context window."""
+        return any(len(key) == 3 for key in self.entries)
+
+    def holds(self, layer: str, t: Timestep) -> bool:
+        """Whether ``layer`` was captured at ``t`` (for any window)."""
+        return any(key[0] == layer and key[1] == t for key in self.entries)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the stored tensors."""
         return sum(x.numel() * x.element_size() for e in self.entries.values() for x in e)
 
-    def put(self, layer: str, t: Timestep, frames: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store ``q, k, v`` ``[nf, heads, L, d]`` for ``frames`` = (start, stop) of the clip (overwrites: with
-        fixed-point inversion the last iterate stays)."""
-        key = (layer, t)
+    def put(self, layer: str, t: Timestep, frames: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            window: Optional[tuple] = None):
+        """Store ``q, k, v`` ``[nf, heads, L, d]`` for ``frames`` = (start, stop) of the clip, or of the context
+        ``window`` (frame indices) when given: windows overlap, so each window keeps its own features (overwrites:
+        with fixed-point inversion the last iterate stays)."""
+        key = (layer, t) if window is None else (layer, t, tuple(window))
+        n = self.num_frames if window is None else len(window)
         if key not in self.entries:
-            self.entries[key] = tuple(torch.zeros((self.num_frames, *x.shape[1:]), dtype=self.dtype,
-                                                  device=self.device) for x in (q, k, v))
+            self.entries[key] = tuple(torch.zeros((n, *x.shape[1:]), dtype=self.dtype, device=self.device)
+                                      for x in (q, k, v))
         for dst, src in zip(self.entries[key], (q, k, v)):
             dst[frames[0]:frames[1]].copy_(src.detach())
 
-    def get(self, layer: str, t: Timestep, frames: tuple):
-        """``(q, k, v)`` of ``frames`` = (start, stop), or None when ``(layer, t)`` was not captured."""
+    def get(self, layer: str, t: Timestep, frames: tuple, window: Optional[tuple] = None):
+        """``(q, k, v)`` of ``frames`` = (start, stop) of the clip or of context ``window``, or None when
+        ``(layer, t)`` was not captured. A bank captured on the whole clip also serves any window (spatial features
+        are per frame); a bank captured per window serves only the same windows (ValueError otherwise: capture and
+        inject with the same context windows)."""
+        if window is not None and (layer, t, tuple(window)) in self.entries:
+            return tuple(x[frames[0]:frames[1]] for x in self.entries[(layer, t, tuple(window))])
         e = self.entries.get((layer, t))
-        return None if e is None else tuple(x[frames[0]:frames[1]] for x in e)
+        if e is not None:
+            idx = list(range(self.num_frames)) if window is None else list(window)
+            return tuple(x[idx[frames[0]:frames[1]]] for x in e)
+        if self.holds(layer, t):
+            raise ValueError(f"attention bank: {layer} at timestep {t} was captured on other context windows than "
+                             f"this call's ({'the whole clip' if window is None else list(window)[:4]}...); capture "
+                             "and inject with the same video model and context windows")
+        return None
 
     def check_compatible(self, name: str, num_frames: int, latent_hw: tuple,
                          schedule: Optional[NoiseSchedule] = None, layers: Sequence[str] = (),
@@ -280,7 +307,7 @@ class AttentionController:
             return None
         if self.timesteps is not None and ctx.timestep not in self.timesteps:
             return None
-        if self.mode == "inject" and (name, ctx.timestep) not in self.bank.entries:
+        if self.mode == "inject" and not self.bank.holds(name, ctx.timestep):
             return None
         return self.mode
 
@@ -296,11 +323,12 @@ class AttentionController:
     def capture(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         ctx = self.context
         b = ctx.branches.index(self.capture_branch) if self.capture_branch in ctx.branches else 0
-        self.bank.put(name, ctx.timestep, ctx.frames, *(self._rows(name, x)[b] for x in (q, k, v)))
+        self.bank.put(name, ctx.timestep, ctx.frames, *(self._rows(name, x)[b] for x in (q, k, v)),
+                      window=ctx.window)
 
     def inject(self, name: str, q: torch.Tensor, attention_mask=None) -> torch.Tensor:
         ctx = self.context
-        stored = self.bank.get(name, ctx.timestep, ctx.frames)
+        stored = self.bank.get(name, ctx.timestep, ctx.frames, ctx.window)
         n_branches = len(ctx.branches)
         q_inv, k_inv, v_inv = (x.to(q.device, q.dtype).repeat(n_branches, 1, 1, 1) for x in stored)
         if q_inv.shape != q.shape:

@@ -121,11 +121,14 @@ def _combine(eps: torch.Tensor, g: Guidance) -> torch.Tensor:
     return (eps * weights).sum(0, keepdim=True)
 
 
-def tell(controller, step: Optional[int], t: Timestep, g: Guidance, start: int, nf: int, n_frames: int) -> None:
+def tell(controller, step: Optional[int], t: Timestep, g: Guidance, start: int, nf: int, n_frames: int,
+         window: Optional[tuple] = None) -> None:
     """Set ``controller.context`` for the next UNet call: step, timestep, branch roles and frames [start, start+nf)
-    of an ``n_frames`` clip. No-op without a controller."""
+    of an ``n_frames`` clip, and the context window (frame indices in the whole clip) it belongs to, if any. No-op
+    without a controller."""
     if controller is not None:
-        controller.context = CallContext(step, t, tuple(b.role for b in g.branches), (start, start + nf), n_frames)
+        controller.context = CallContext(step, t, tuple(b.role for b in g.branches), (start, start + nf), n_frames,
+                                         window)
 
 
 def _module_dtype(m: torch.nn.Module) -> torch.dtype:
@@ -237,7 +240,10 @@ class VideoDenoiser(_Controllable):
         self.per_frame_text = type(unet).__name__ == "UNetMotionModel"
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: Timestep, g: Guidance, step: Optional[int] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Timestep, g: Guidance, step: Optional[int] = None,
+                 window: Optional[tuple] = None) -> torch.Tensor:
+        """``window``: the frame indices of ``x`` in the whole clip when ``x`` is one context window of it
+        (``core.context.WindowedDenoiser``); the attention controller keys its features by it."""
         unet = self.unet
         dtype, device = _module_dtype(unet), _module_device(unet)
         nf, K = x.shape[2], len(g.branches)
@@ -254,7 +260,7 @@ class VideoDenoiser(_Controllable):
                 texts.append(br.text)
         sample = torch.cat(inputs).to(device, dtype)
         ctx = torch.cat(texts).to(device, dtype)
-        tell(self.controller, step, t, g, 0, nf, nf)
+        tell(self.controller, step, t, g, 0, nf, nf, window)
         eps = unet(sample, _timestep_tensor(t, K, device), encoder_hidden_states=ctx, return_dict=False)[0]
         self.calls += 1
         return _combine(eps.float(), g)

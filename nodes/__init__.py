@@ -11,10 +11,10 @@ from .evs import VBEncapsulatedT2V, VBEVSRefine  # noqa: E402
 from .jvid import VBJVIDSample, VBTemporalLatentSmoothing  # noqa: E402
 from .i4vgen import VBAnchorCandidates, VBI4VGen, VBNIVSDS, VBSelectAnchor, VBStaticVideo  # noqa: E402
 from .frames import VBDecodeFrames, VBEncodeFrames, VBRegionMask  # noqa: E402
-from .loaders import VBLoadControlNet, VBLoadImageModel, VBLoadVideoModel  # noqa: E402
+from .loaders import VBContextWindows, VBLoadControlNet, VBLoadImageModel, VBLoadVideoModel  # noqa: E402
 
-NODES = [VBLoadImageModel, VBLoadControlNet, VBLoadVideoModel, VBEncodeFrames, VBDecodeFrames, VBRegionMask,
-         VBFramewiseGenerate,
+NODES = [VBLoadImageModel, VBLoadControlNet, VBLoadVideoModel, VBContextWindows, VBEncodeFrames, VBDecodeFrames,
+         VBRegionMask, VBFramewiseGenerate,
          VBDDIMInvert, VBMixLatents, VBVideoDenoise, VBEncapsulatedT2V, VBEVSRefine,
          VBJVIDSample, VBTemporalLatentSmoothing,
          VBAnchorCandidates, VBSelectAnchor, VBStaticVideo, VBNIVSDS, VBI4VGen]

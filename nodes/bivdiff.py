@@ -9,7 +9,7 @@ import contextlib
 
 from ..core import bivdiff, evs
 from ..core.attention import FeatureBank, check_gamma
-from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, on_schedule, single
+from ..core.denoisers import Branch, UNet2DDenoiser, on_schedule, single
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
 from ..core.samplers import ddim_invert, initial_noise, sdedit
@@ -162,19 +162,19 @@ class VBDDIMInvert(io.ComfyNode):
                                 tooltip="Inversion prompt, no guidance. Empty (the null prompt) as in the paper; the "
                                         "official code used the negative prompt."),
                 widgets.steps(what="inversion"),
-                io.Int.Input("fixed_point_iterations", default=0, min=0, max=10,
+                widgets.advanced(io.Int.Input("fixed_point_iterations", default=0, min=0, max=10,
                              tooltip="Extra UNet calls per step that solve the implicit DDIM equation, so sampling "
                                      "with the same prompt returns to the input. Measured on tiny models: 3 iterations "
                                      "cut the round-trip error from 0.11 to 5e-4 when the model is smooth in its "
                                      "input; on rough models it may not converge. 0 is plain DDIM inversion as in "
-                                     "BIVDiff."),
+                                     "BIVDiff.")),
                 widgets.frame_batch(),
-                io.Boolean.Input("legacy_grid", default=False,
+                widgets.advanced(io.Boolean.Input("legacy_grid", default=False,
                                  tooltip="Parity with the official BIVDiff code: ends at timestep 998 instead of the "
-                                         "sampler's first timestep. For comparisons only."),
-                io.Boolean.Input("inflated_groupnorm", default=False,
+                                         "sampler's first timestep. For comparisons only.")),
+                widgets.advanced(io.Boolean.Input("inflated_groupnorm", default=False,
                                  tooltip="Parity with the official BIVDiff code (image model only): GroupNorm "
-                                         "statistics pooled over all frames, as its inflated 3D UNet does."),
+                                         "statistics pooled over all frames, as its inflated 3D UNet does.")),
                 types.ImageModel.Input("image_model", optional=True,
                                        tooltip="Base SD1.5 model for frame-wise inversion."),
                 types.VideoModel.Input("video_model", optional=True,
@@ -234,7 +234,7 @@ class VBDDIMInvert(io.ComfyNode):
         else:
             emb = runtime.encode(video_model, [prompt])
             device = runtime.load(video_model.unet)
-            denoiser = VideoDenoiser(video_model.model.unet, master)
+            denoiser = runtime.video_denoiser(video_model, master)
         z0 = runtime.from_latent(latent, "latent", scale, device)
         guidance = single(Branch(emb))
         dtype, where = widgets.storage(bank_storage)
@@ -358,7 +358,7 @@ class VBVideoDenoise(io.ComfyNode):
             grid = vm.schedule.timesteps(steps, vm.spacing, strength)
         scale = latent_scale(video_model)
         z = runtime.from_latent(latent, "latent", scale, runtime.mm.intermediate_device())
-        denoiser = VideoDenoiser(vm.unet, vm.schedule)
+        denoiser = runtime.video_denoiser(video_model)
         inject = contextlib.nullcontext()
         if attention_bank is not None:
             try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..core import evs
-from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser
+from ..core.denoisers import Branch, UNet2DDenoiser
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import decode_video, encode_video, vae_scale
 from ..core.samplers import initial_noise
@@ -47,9 +47,10 @@ def _block():
 
 
 def _fixed_point():
-    return io.Int.Input("fixed_point_iterations", default=0, min=0, max=10,
-                        tooltip="'inversion + SFI' only: extra T2V calls per inversion step that make the inversion "
-                                "exact (2-3 suffice); 0 = plain DDIM inversion.")
+    return widgets.advanced(io.Int.Input("fixed_point_iterations", default=0, min=0, max=10,
+                        tooltip="'inversion + SFI' only: extra T2V calls per inversion step that solve the implicit "
+                                "DDIM equation (measured on tiny models: 3 iterations reproduce the block's input to "
+                                "under 1e-3 relative, 10x better than none); 0 = plain DDIM inversion."))
 
 
 def _named(node: str, e: ValueError) -> ValueError:
@@ -111,7 +112,7 @@ class VBEncapsulatedT2V(io.ComfyNode):
                                sfi_layers=sfi_layers, sfi_gamma=sfi_gamma, fixed_point_iters=fixed_point_iterations,
                                bank_dtype=dtype, bank_device=where, bank_budget_gib=bank_budget_gb)
         z = runtime.from_latent(latent, "latent", scale, runtime.mm.intermediate_device())
-        denoiser = VideoDenoiser(vm.unet, vm.schedule)
+        denoiser = runtime.video_denoiser(video_model)
         if attention_bank is not None:                                  # injected, not captured: no bank to budget
             params = dataclasses.replace(params, bank_budget_gib=0.0)
         try:
@@ -172,9 +173,9 @@ class VBEVSRefine(io.ComfyNode):
                 io.Float.Input("t2v_cfg", default=1.0, min=1.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance of the video model (1 for Lightning)."),
                 _block(),
-                io.Combo.Input("renoise", options=list(RENOISE), default="initial noise",
+                widgets.advanced(io.Combo.Input("renoise", options=list(RENOISE), default="initial noise",
                                tooltip="eps_r, the noise that re-noises the T2V result to t_T2V: the initial SDEdit "
-                                       "noise (default) or a fresh draw."),
+                                       "noise (default) or a fresh draw.")),
                 widgets.sfi_layers(),
                 widgets.sfi_gamma(),
                 _fixed_point(),
@@ -200,7 +201,7 @@ class VBEVSRefine(io.ComfyNode):
         pixels = evs.upscale_pixels(runtime.image_to_video(images, "images", "cpu"), upscale)
         n, H, W = pixels.shape[2:]
         image = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None)
-        video = VideoDenoiser(vm.unet, vm.schedule)
+        video = runtime.video_denoiser(video_model)
         try:                                                            # every setting checked before any work
             grid_v = evs.plan(image, video, (1, 4, n, H // 8, W // 8), params, node)[-1]
         except ValueError as e:

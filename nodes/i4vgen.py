@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 
 from ..core import i4vgen
-from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser
+from ..core.denoisers import Branch, UNet2DDenoiser
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
 from . import runtime, scorers, types, widgets
@@ -70,28 +70,28 @@ def _p_re():
 
 
 def _step_sizes():
-    return io.String.Input("step_sizes", default="10, 10, 10, 1",
+    return widgets.advanced(io.String.Input("step_sizes", default="10, 10, 10, 1",
                            tooltip="NI-VSDS step sizes eta, one per update; the last repeats (official: 10, 10, 10, "
-                                   "then 1).")
+                                   "then 1)."))
 
 
 def _official_candidates():
-    return io.Boolean.Input("official_candidate_schedule", default=False,
+    return widgets.advanced(io.Boolean.Input("official_candidate_schedule", default=False,
                             tooltip="Parity with the official code: sample the candidates on AnimateDiff's linear "
                                     "schedule with its DDIM config (grid 960..0, x0 clipped to [-1, 1]) instead of "
-                                    "the image model's own schedule.")
+                                    "the image model's own schedule."))
 
 
 def _official_scheduler():
-    return io.Boolean.Input("official_scheduler_config", default=False,
+    return widgets.advanced(io.Boolean.Input("official_scheduler_config", default=False,
                             tooltip="Parity with the official code: NI-VSDS and regeneration on the official DDIM "
                                     "config (grid 960, 920, ..., 0 and x0 clipped to [-1, 1]) instead of the video "
-                                    "model's own (961, ..., 1, no clipping).")
+                                    "model's own (961, ..., 1, no clipping)."))
 
 
 def _candidate_index():
-    return io.Int.Input("candidate_index", default=-1, min=-1, max=255,
-                        tooltip="Force this candidate as the anchor (parity runs); -1 = the scorer's choice.")
+    return widgets.advanced(io.Int.Input("candidate_index", default=-1, min=-1, max=255,
+                        tooltip="Force this candidate as the anchor (parity runs); -1 = the scorer's choice."))
 
 
 def _check_base(node: str, image_model) -> None:
@@ -117,7 +117,7 @@ def _image_denoiser(image_model, frame_batch_size, official: bool):
 
 def _video_denoiser(video_model, official: bool):
     vm = video_model.model
-    den = VideoDenoiser(vm.unet, vm.schedule)
+    den = runtime.video_denoiser(video_model)
     return i4vgen.with_schedule(den, i4vgen.official_schedule(vm.schedule)) if official else den
 
 
@@ -317,8 +317,8 @@ class VBI4VGen(io.ComfyNode):
                                        "the candidates. It must have the width and height set here."),
                 widgets.frame_batch(8),
                 _step_sizes(),
-                io.Float.Input("nivsds_cfg", default=-1.0, min=-1.0, max=30.0, step=0.1,
-                               tooltip="Guidance inside NI-VSDS; -1 = cfg (official)."),
+                widgets.advanced(io.Float.Input("nivsds_cfg", default=-1.0, min=-1.0, max=30.0, step=0.1,
+                               tooltip="Guidance inside NI-VSDS; -1 = cfg (official).")),
                 _official_candidates(), _official_scheduler(), _candidate_index(),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The video latent (decode with VBDecodeFrames)."),
@@ -386,7 +386,7 @@ class VBI4VGen(io.ComfyNode):
 
         device = runtime.load(image_model.unet, video_model.unet)
         image_den = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None)
-        video_den = VideoDenoiser(video_model.model.unet, video_model.model.schedule)
+        video_den = runtime.video_denoiser(video_model)
         try:
             res = i4vgen.i4vgen(image_den, video_den, (1, 4, frames, h, w), g_i, g_v, seed, params, score=score,
                                 anchor=None if anchor is None else anchor.to(device), device=device,

@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 
 from ..core import jvid
-from ..core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser
+from ..core.denoisers import Branch, UNet2DDenoiser
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, vae_scale
 from . import runtime, types, widgets
@@ -101,11 +101,11 @@ class VBJVIDSample(io.ComfyNode):
                 io.Float.Input("c_s", default=-1.0, min=-1.0, max=100.0, step=0.1,
                                tooltip="Smoothing threshold: latent voxels whose normalised distance to the temporal "
                                        "mean is below c_s become that mean. -1 = the preset's (2)."),
-                io.Boolean.Input("gamma_on_all_steps", default=False,
-                                 tooltip="Apply gamma to video-model steps too (the paper applies it to image steps)."),
-                io.Combo.Input("image_timesteps", options=MAPPING, default=MAPPING[0],
+                widgets.advanced(io.Boolean.Input("gamma_on_all_steps", default=False,
+                                 tooltip="Apply gamma to video-model steps too (the paper applies it to image steps).")),
+                widgets.advanced(io.Combo.Input("image_timesteps", options=MAPPING, default=MAPPING[0],
                                tooltip="How the image model is called at the video schedule's noise level: the nearest "
-                                       "integer timestep of equal alpha-bar, or the interpolated float timestep."),
+                                       "integer timestep of equal alpha-bar, or the interpolated float timestep.")),
                 widgets.frame_batch(),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The sampled latent video (VAEDecode-able)."),
@@ -146,7 +146,7 @@ class VBJVIDSample(io.ComfyNode):
 
         z, used = jvid.jvid_sample(
             UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None),
-            VideoDenoiser(vm.unet, vm.schedule), (1, 4, frames, height // 8, width // 8),
+            runtime.video_denoiser(video_model), (1, 4, frames, height // 8, width // 8),
             cfg_guidance(Branch(text_i), Branch(null_i), cfg), cfg_guidance(Branch(text_v), Branch(null_v), cfg),
             seed, params, device=device, exact_mapping=image_timesteps == MAPPING[1],
             callbacks=progress.callbacks, on_step=on_step)

@@ -1,7 +1,11 @@
-"""Loader nodes: image model, ControlNet, video model. Files come from ComfyUI's model folders, never the Hub."""
+"""Loader nodes: image model, ControlNet, video model (and its context windows). Files come from ComfyUI's model
+folders, never the Hub."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..core import models as core_models
+from ..core.context import FUSE_METHODS, SCHEDULES, ContextWindows
 from . import paths, runtime, types
 from .api import io
 
@@ -137,3 +141,71 @@ class VBLoadVideoModel(io.ComfyNode):
         if sampling == SAMPLING[1]:
             model.spacing = "trailing"
         return io.NodeOutput(handle)
+
+
+class VBContextWindows(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        D = ContextWindows()
+        return io.Schema(
+            node_id="VBContextWindows", display_name="Context Windows for a Video Model (VideoBridge)",
+            category="VideoBridge/loaders",
+            description="Long clips: every call of this video model (inversion, smoothing, SDEdit, NI-VSDS, JVID and "
+                        "EVS steps) runs on windows of context_length frames overlapping by context_overlap, fused "
+                        "per frame. Names and defaults as ComfyUI's Context Windows (Manual) node; a connected "
+                        "AnimateDiff-Evolved context_options overrides the widgets. Clips no longer than a window "
+                        "are unchanged.",
+            inputs=[
+                types.VideoModel.Input("video_model", tooltip="The video model to run on windows."),
+                io.Int.Input("context_length", default=D.context_length, min=1, max=1024,
+                             tooltip="Frames per window (AnimateDiff motion modules were trained on 16)."),
+                io.Int.Input("context_overlap", default=D.context_overlap, min=0, max=1023,
+                             tooltip="Frames shared by neighbouring windows."),
+                io.Combo.Input("context_schedule", options=list(SCHEDULES), default=D.context_schedule,
+                               tooltip="standard_static: sliding windows, the same at every step; standard_uniform / "
+                                       "looped_uniform: AnimateDiff's uniform windows whose offset moves every step "
+                                       "(looped ones wrap around the clip); batched: no overlap."),
+                io.Int.Input("context_stride", default=D.context_stride, min=1, max=32,
+                             tooltip="Uniform schedules only: also use windows of every 2nd, 4th, ... frame."),
+                io.Boolean.Input("closed_loop", default=D.closed_loop,
+                                 tooltip="looped_uniform only: windows also join the last frames to the first."),
+                io.Combo.Input("fuse_method", options=list(FUSE_METHODS), default=D.fuse_method,
+                               tooltip="How overlapping windows are averaged per frame: pyramid (= relative; weights "
+                                       "peak in a window's middle), flat, or overlap-linear (ramps over the overlap)."),
+                types.ContextOptions.Input("context_options", optional=True,
+                                           tooltip="AnimateDiff-Evolved context options (its first context is "
+                                                   "used); overrides the widgets."),
+            ],
+            outputs=[types.VideoModel.Output(display_name="video_model",
+                                             tooltip="The same model (no copy), run on context windows.")])
+
+    @classmethod
+    def execute(cls, video_model, context_length, context_overlap, context_schedule, context_stride, closed_loop,
+                fuse_method, context_options=None) -> io.NodeOutput:
+        node = "VBContextWindows"
+        opts = ContextWindows(context_length, context_overlap, context_schedule, context_stride, closed_loop,
+                              fuse_method)
+        try:
+            if context_options is not None:
+                opts = from_context_options(context_options)
+            opts.checked()
+        except ValueError as e:
+            raise ValueError(f"{node}: {e}") from None
+        return io.NodeOutput(dataclasses.replace(video_model, context=opts))
+
+
+def from_context_options(obj) -> ContextWindows:
+    """ContextWindows from an AnimateDiff-Evolved ``CONTEXT_OPTIONS`` object (a group: its first context; read by
+    attribute name). Raises ValueError naming what it cannot use."""
+    ctx = obj.contexts[0] if getattr(obj, "contexts", None) else obj
+    try:
+        sched = str(getattr(ctx, "context_schedule"))
+        fuse = str(getattr(ctx, "fuse_method", "pyramid"))
+        opts = ContextWindows(int(ctx.context_length), int(ctx.context_overlap), sched,
+                              int(getattr(ctx, "context_stride", 1)), bool(getattr(ctx, "closed_loop", False)), fuse)
+    except AttributeError as e:
+        raise ValueError(f"context_options: not a context options object ({e})") from None
+    if sched not in SCHEDULES or fuse not in FUSE_METHODS:
+        raise ValueError(f"context_options: schedule {sched!r} / fuse method {fuse!r} is not supported here; "
+                         f"supported: {list(SCHEDULES)} / {list(FUSE_METHODS)}")
+    return opts

@@ -19,6 +19,8 @@ import torch
 from einops import rearrange
 
 from ..core.callbacks import Callbacks
+from ..core.context import ContextWindows, windowed
+from ..core.denoisers import VideoDenoiser
 from ..core.latents import check_finite, check_frames, check_size
 from ..core.models import ImageModel, VideoModel
 from ..core.schedule import NoiseSchedule
@@ -88,6 +90,7 @@ class VideoHandle:
     unet: object = None
     text: object = None
     vae: object = None
+    context: Optional[ContextWindows] = None      # set by VBContextWindows: every call of this model is windowed
 
     def __post_init__(self):
         self.unet = self.unet or patcher(self.model.unet, "unet")
@@ -107,6 +110,12 @@ class ControlNetHandle:
 
     def __post_init__(self):
         self.patcher = self.patcher or patcher(self.model, "unet")
+
+
+def video_denoiser(handle: VideoHandle, schedule: Optional[NoiseSchedule] = None):
+    """The core denoiser of a VB_VIDEO_MODEL (on ``schedule``, default its own), on the context windows
+    VBContextWindows set, if any."""
+    return windowed(VideoDenoiser(handle.model.unet, schedule or handle.model.schedule), handle.context)
 
 
 # ------------------------------------------------------------------ progress, preview, Cancel

@@ -7,6 +7,7 @@
 - ``VB_CONTROLNET``: a ControlNet v1.1 model, applied by VBFramewiseGenerate.
 - ``VB_ATTENTION_BANK``: Q/K/V features captured during a video-model DDIM inversion (``core.attention.FeatureBank``,
   keyed by layer and timestep, on the CPU in fp16 by default), injected by Selective Feature Injection.
+- ``CONTEXT_OPTIONS``: AnimateDiff-Evolved's context options, accepted by VBContextWindows.
 """
 from .api import io
 
@@ -14,3 +15,4 @@ ImageModel = io.Custom("VB_IMAGE_MODEL")
 VideoModel = io.Custom("VB_VIDEO_MODEL")
 ControlNet = io.Custom("VB_CONTROLNET")
 AttentionBank = io.Custom("VB_ATTENTION_BANK")
+ContextOptions = io.Custom("CONTEXT_OPTIONS")      # AnimateDiff-Evolved's context options (read by VBContextWindows)

@@ -14,6 +14,13 @@ ALL_IN_BANK = "all in the bank"
 BANK_STORAGE = ["cpu (fp16)", "compute device (fp16)"]
 
 
+def advanced(inp):
+    """Mark a research or parity input advanced: the frontend folds it behind "Show Advanced" (frontends that honour
+    the input spec's ``advanced`` flag; older ones show it as usual, last in the widget list)."""
+    inp.extra_dict["advanced"] = True
+    return inp
+
+
 def seed(tooltip="Noise seed. Noise is drawn on the CPU, so a seed reproduces across hardware."):
     return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True, tooltip=tooltip)
 

@@ -69,7 +69,7 @@ FOX = "a red fox running through fresh snow, photograph"
 NOTE_ID = 30
 
 
-def bivdiff_note(what: str, models: list, prompts: str, alpha: float) -> tuple:
+def bivdiff_note(what: str, models: list, prompts: str, alpha: float, frames: int = FRAMES) -> tuple:
     """The Note node of a BIVDiff graph: what it does, which file goes where, what to change for real use."""
     files = "\n".join(f"- {m}" for m in models)
     text = f"""BIVDiff (Shi et al., CVPR 2024): {what}
@@ -84,8 +84,9 @@ Models (ComfyUI/models/...):
 
 Prompts: {prompts}
 
-Small defaults (8 frames at {SIZE}x{SIZE}, 50 steps) so it runs anywhere; for real use take 16 frames at 512x512 in
-group 1. Without the real model files the main job runs tiny random stand-ins, which give noise.
+{f"Small defaults ({frames} frames at {SIZE}x{SIZE}, 50 steps) so it runs anywhere; for real use take 16 frames"
+ if frames == FRAMES else f"Defaults: {frames} frames at {SIZE}x{SIZE}, 50 steps; for real use keep the frames, size"}
+at 512x512 in group 1. Without the real model files the main job runs tiny random stand-ins, which give noise.
 Research options (last in each node): fixed-point iterations, legacy_grid and inflated_groupnorm (parity with the
 official code), attention capture."""
     return (NOTE_ID, "Note", {"text": text}, {}, "What this workflow does")
@@ -117,6 +118,39 @@ def controlnet_zeroscope():
         *inversion_and_smoothing(10, (9, 1), (6, 0), (8, 0), 1.0, FOX),
         *video_out(15, (14, 0), stem, (9, 0)),
     ], bivdiff_stages([5, 9], [6, 7, 8], 10)
+
+
+LONG_FRAMES = 48
+
+
+def long_clip_animatediff():
+    stem = "bivdiff_long_clip_animatediff"
+    video_in = [n if n[1] != "ImageFromBatch" else
+                (3, "ImageFromBatch", {"batch_index": 0, "length": LONG_FRAMES}, {"image": (2, 0)},
+                 f"First {LONG_FRAMES} frames") for n in VIDEO_IN]
+    note = bivdiff_note(
+        f"a long clip ({LONG_FRAMES} frames). Canny edges steer a ControlNet that draws every frame; AnimateDiff, "
+        "whose motion modules were trained on 16 frames, smooths them on context windows of 16 frames overlapping "
+        "by 4 (VBContextWindows, group 2), fused per frame. Clips no longer than a window run in one go.",
+        [f"checkpoints/{BASE}: any SD1.5 checkpoint (frame-wise image model, VAE and AnimateDiff's base).",
+         f"controlnet/{CANNY}: ControlNet v1.1 canny (lllyasviel).",
+         f"animatediff_models/{MOTION}: the AnimateDiff v2 motion module (guoyww)."],
+        "the frame-wise prompt and the smoothing prompt describe the same video.", 1.0, LONG_FRAMES)
+    return stem, "BIVDiff long clip: ControlNet (Canny) frame-wise, AnimateDiff smoothing on context windows", [
+        note,
+        *video_in,
+        (5, "Canny", {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (4, 0)}, "Canny hints"),
+        (6, "VBLoadImageModel", {"model_name": BASE}, {}, None),
+        (7, "VBLoadControlNet", {"control_net_name": CANNY}, {}, None),
+        (8, "VBLoadVideoModel", {"model_name": MOTION}, {"image_model": (6, 0)}, None),
+        (20, "VBContextWindows", {"context_length": 16, "context_overlap": 4}, {"video_model": (8, 0)},
+         "Context windows: 16 frames, overlap 4"),
+        (9, "VBFramewiseGenerate", {"prompt": FOX, "negative_prompt": "", "seed": 0, "steps": 50, "cfg": 7.5,
+                                    "frame_batch_size": 8},
+         {"image_model": (6, 0), "controlnet": (7, 0), "hints": (5, 0)}, "Frame-wise ControlNet"),
+        *inversion_and_smoothing(10, (9, 1), (6, 0), (20, 0), 1.0, FOX),
+        *video_out(15, (14, 0), stem, (9, 0)),
+    ], bivdiff_stages([5, 9], [6, 7, 8, 20], 10)
 
 
 def ip2p_animatediff():
@@ -371,7 +405,30 @@ def i4vgen_image_to_video():
     return stem, "I4VGen image-to-video: your picture as the anchor, set in motion by AnimateDiff (NI-VSDS)", nodes, stages
 
 
+FILE_NAMES = {
+    "bivdiff_controlnet_zeroscope": "BIVDiff - ControlNet video (Canny) with ZeroScope smoothing",
+    "bivdiff_ip2p_animatediff": "BIVDiff - InstructPix2Pix video edit with AnimateDiff smoothing",
+    "bivdiff_inpaint_zeroscope": "BIVDiff - Inpaint a region of a video with ZeroScope smoothing",
+    "bivdiff_outpaint_zeroscope": "BIVDiff - Outpaint a video (top and bottom) with ZeroScope smoothing",
+    "bivdiff_long_clip_animatediff": "BIVDiff - Long clip (48 frames) with AnimateDiff smoothing on context windows",
+    "evs_refine_animatediff_lightning": "EVS - Refine a video with SD1.5 and AnimateDiff-Lightning",
+    "jvid_text_to_video": "JVID - Text to video mixing SD1.5 and AnimateDiff",
+    "jvid_text_to_video_zeroscope": "JVID - Text to video mixing SD1.5 and ZeroScope",
+    "i4vgen_text_to_video_animatediff": "I4VGen - Text to video through an anchor image (AnimateDiff)",
+    "i4vgen_image_to_video_animatediff": "I4VGen - Picture to video (AnimateDiff)",
+}
+"""Workflow id (``extra.info.id``, output file prefix, ``run_workflow.py`` argument) -> file name. ComfyUI's frontend
+1.32.9 (ComfyUI 0.3.75) shows a custom node's template by its file name, as title and, with - and _ turned into
+spaces, as description; it reads no title from the file. So the file name is the title."""
+
+
+def workflow_file(stem: str) -> str:
+    """Path (without extension) of the workflow with id ``stem`` in ``workflows/``."""
+    return os.path.join(ROOT, "workflows", FILE_NAMES[stem])
+
+
 SPECS = [controlnet_zeroscope, ip2p_animatediff, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
+         long_clip_animatediff,
          evs_refine_lightning, jvid_text_to_video, lambda: jvid_text_to_video(zeroscope=True), i4vgen_text_to_video,
          i4vgen_image_to_video]
 
@@ -509,7 +566,8 @@ def build(spec, object_info) -> dict:
         groups.append({"title": gtitle, "bounding": [x0, y0, x1 - x0, y1 - y0], "color": "#3f789e",
                        "font_size": 24, "flags": {}})
     return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"title": title}},
+            "groups": groups, "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"title": title, "id": stem}},
             "version": 0.4}
 
 
@@ -532,7 +590,7 @@ def main(argv=None) -> int:
         for make in SPECS:
             spec = make()
             wf = build(spec, info)
-            path = os.path.join(ROOT, "workflows", spec[0] + ".json")
+            path = workflow_file(spec[0]) + ".json"
             with open(path, "w") as f:
                 json.dump(wf, f, indent=1)
             server.convert(wf)                                            # must convert
@@ -541,7 +599,7 @@ def main(argv=None) -> int:
         for make in SPECS:
             stem = make()[0]
             rc = subprocess.call([sys.executable, os.path.join(TOOLS, "run_workflow.py"), stem,
-                                  "--thumbnail", os.path.join(ROOT, "workflows", stem + ".jpg")])
+                                  "--thumbnail", workflow_file(stem) + ".jpg"])
             if rc:
                 return rc
     return 0

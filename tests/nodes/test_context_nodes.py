@@ -1,0 +1,88 @@
+"""Context windows in ComfyUI: the same windows and weights as ComfyUI core's, and VBContextWindows on the nodes."""
+import types
+
+import pytest
+import torch
+
+from .test_nodes import MOTION, run
+
+FRAMES, SIZE = 6, 64
+
+
+def test_windows_and_weights_equal_comfyui_core(comfy_env):
+    """Our pure functions against comfy/context_windows.py for every schedule, on lengths around the window size,
+    overlaps, strides, loops and steps: equal wherever ComfyUI's windows cover exactly the clip's frames; where they
+    leave a frame out or index past the clip (some strided uniform cases), ours still cover every frame, in range."""
+    import comfy.context_windows as cw
+
+    from videobridge.core.context import ContextWindows, fuse_weights, windows
+
+    compared = 0
+    for sched in ("standard_static", "standard_uniform", "looped_uniform", "batched"):
+        for F in (5, 16, 17, 24, 37, 48):
+            for L, O in ((16, 4), (8, 2), (8, 0)):
+                for stride in (1, 2):
+                    for closed in (False, True):
+                        for step in range(5):
+                            handler = types.SimpleNamespace(context_length=L, context_overlap=O, context_stride=stride,
+                                                            closed_loop=closed, _step=step)
+                            ref = cw.CONTEXT_MAPPING[sched](F, handler, {})
+                            ours = windows(F, ContextWindows(L, O, sched, stride, closed), step)
+                            assert all(0 <= i < F for w in ours for i in w)
+                            if set().union(*map(set, ref)) == set(range(F)):     # ComfyUI's are usable
+                                assert ours == ref, (sched, F, L, O, stride, closed, step)
+                                compared += 1
+                            else:                # ComfyUI leaves frames out or indexes past the clip; ours not
+                                assert set().union(*map(set, ours)) == set(range(F))
+    assert compared > 1000
+    handler = types.SimpleNamespace(context_overlap=3)
+    for n in (4, 5, 16):
+        assert fuse_weights(n, "pyramid").tolist() == cw.create_weights_pyramid(n)
+        assert fuse_weights(n, "overlap-linear", list(range(2, 2 + n)), 30, 3).tolist() == \
+            cw.create_weights_overlap_linear(n, 30, list(range(2, 2 + n)), handler).tolist()
+
+
+@pytest.fixture(scope="module")
+def animatediff(N, base):
+    return run(N["VBLoadVideoModel"], model_name=MOTION, dtype="auto", sampling="model default (DDIM)",
+               image_model=base)[0]
+
+
+def windows_on(N, vm, **kw):
+    args = dict(video_model=vm, context_length=16, context_overlap=4, context_schedule="standard_static",
+                context_stride=1, closed_loop=False, fuse_method="pyramid")
+    args.update(kw)
+    return run(N["VBContextWindows"], **args)[0]
+
+
+def test_context_windows_node_on_smoothing(N, base, animatediff):
+    """A window covering the clip changes nothing (bit for bit); smaller windows run every window and fuse;
+    AnimateDiff-Evolved context options override the widgets; the loaded model is shared, not copied."""
+    lat = {"samples": torch.randn(FRAMES, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))}
+
+    def denoise(vm):
+        return run(N["VBVideoDenoise"], video_model=vm, latent=lat, prompt="a cat", negative_prompt="", seed=1,
+                   steps=3, cfg=7.5, strength=1.0)[0]["samples"]
+
+    plain = denoise(animatediff)
+    whole = windows_on(N, animatediff, context_length=FRAMES)
+    assert whole.model is animatediff.model and whole.context.context_length == FRAMES
+    assert torch.equal(denoise(whole), plain)
+    small = windows_on(N, animatediff, context_length=4, context_overlap=2)
+    calls = small.model.unet
+    n = {"k": 0}
+    h = calls.register_forward_pre_hook(lambda *a: n.__setitem__("k", n["k"] + 1))
+    try:
+        out = denoise(small)
+    finally:
+        h.remove()
+    assert n["k"] == 3 * 2 and torch.isfinite(out).all() and not torch.allclose(out, plain, atol=1e-4)
+    ade = types.SimpleNamespace(contexts=[types.SimpleNamespace(context_length=4, context_overlap=2,
+                                                                context_schedule="standard_static", context_stride=1,
+                                                                closed_loop=False, fuse_method="pyramid")])
+    assert torch.equal(denoise(windows_on(N, animatediff, context_options=ade)), out)
+    with pytest.raises(ValueError, match="VBContextWindows: context_overlap must be in 0..context_length-1"):
+        windows_on(N, animatediff, context_length=4, context_overlap=4)
+    bad = types.SimpleNamespace(context_length=4, context_overlap=1, context_schedule="view_as_context")
+    with pytest.raises(ValueError, match="VBContextWindows: context_options: schedule 'view_as_context'"):
+        windows_on(N, animatediff, context_options=bad)
