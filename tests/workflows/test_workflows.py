@@ -198,3 +198,22 @@ def test_evs_workflow_with_selective_feature_injection_then_without(comfy):
     sfi = run(block="inversion + SFI", sfi_layers="deep", sfi_gamma=0.8)
     assert sfi.shape == plain.shape and np.abs(sfi.astype(int) - plain.astype(int)).max() > 0
     assert np.array_equal(run(), plain)
+
+
+def test_long_clip_workflow_runs_on_context_windows(comfy):
+    """The long-clip graph with windows smaller than the test clip (4 frames, overlap 2 on 8): AnimateDiff smoothing
+    runs window by window in the server, the whole clip comes out, and it differs from the run whose one window
+    covers the clip (that one equals an unwindowed run bit for bit: tests/nodes/test_context_nodes.py)."""
+    path = by_id("bivdiff_long_clip_animatediff")
+
+    def run(**windows):
+        _, api = api_for(comfy, path, steps=2)
+        key = next(k for k, n in api.items() if n["class_type"] == "VBContextWindows")
+        api[key]["inputs"].update(windows)
+        entry = comfy.run(api, timeout=900)
+        return np.asarray(read_video(next(f for f in comfy.output_paths(entry) if f.endswith(".mp4"))))
+
+    small = run(context_length=4, context_overlap=2)
+    assert small.shape[0] == comfy.test_clip_frames and np.isfinite(small.astype(np.float32)).all()
+    whole = run(context_length=16, context_overlap=4)
+    assert np.abs(small.astype(int) - whole.astype(int)).max() > 0
