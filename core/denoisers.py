@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .attention import CallContext, attention_control, estimate_bank_bytes, resolve_layers
+from .context import ContextWindows, WindowedDenoiser
+from .latents import OOM_ERRORS
 from .schedule import NoiseSchedule, Timestep
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,11 @@ def tell(controller, step: Optional[int], t: Timestep, g: Guidance, start: int, 
                                          window)
 
 
+def _free_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _module_dtype(m: torch.nn.Module) -> torch.dtype:
     return next(m.parameters()).dtype
 
@@ -185,9 +192,23 @@ class UNet2DDenoiser(_Controllable):
         self.calls = 0                      # UNet forward calls (benchmarks count them)
 
     def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance, step: Optional[int] = None) -> torch.Tensor:
+        """On a GPU out-of-memory error the frame chunk is halved and the chunk retried (frames are independent, so
+        the result does not change); the smaller chunk is kept for the following calls."""
         n_frames = x.shape[2]
         chunk = n_frames if (self.inflated_groupnorm or not self.frame_batch_size) else int(self.frame_batch_size)
-        out = [self._eval(x[:, :, s:s + chunk], t, guidance, s, step, n_frames) for s in range(0, n_frames, chunk)]
+        out, start = [], 0
+        while start < n_frames:
+            try:
+                out.append(self._eval(x[:, :, start:start + chunk], t, guidance, start, step, n_frames))
+            except OOM_ERRORS:
+                if chunk == 1 or self.inflated_groupnorm:
+                    raise
+                _free_cache()
+                chunk = max(1, min(chunk, n_frames - start) // 2)
+                self.frame_batch_size = chunk
+                log.warning("image model ran out of memory: continuing with %d frames per call (same result)", chunk)
+                continue
+            start += out[-1].shape[2]
         return torch.cat(out, dim=2)
 
     def _eval(self, x: torch.Tensor, t: Timestep, g: Guidance, start: int, step, n_frames: int) -> torch.Tensor:
@@ -235,15 +256,58 @@ class VideoDenoiser(_Controllable):
     """
     kind = "video"
 
-    def __init__(self, unet, schedule: NoiseSchedule):
+    def __init__(self, unet, schedule: NoiseSchedule, sequential_branches: bool = False):
         self.unet, self.schedule = unet, schedule
         self.per_frame_text = type(unet).__name__ == "UNetMotionModel"
+        self.sequential_branches = sequential_branches
+        self.fallback = None                 # context windows taken after an out-of-memory error
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, t: Timestep, g: Guidance, step: Optional[int] = None,
                  window: Optional[tuple] = None) -> torch.Tensor:
         """``window``: the frame indices of ``x`` in the whole clip when ``x`` is one context window of it
-        (``core.context.WindowedDenoiser``); the attention controller keys its features by it."""
+        (``core.context.WindowedDenoiser``); the attention controller keys its features by it.
+
+        ``sequential_branches`` runs the guidance branches one after the other (less memory, same result). On a GPU
+        out-of-memory error the branches are run one after the other (same result); if that still fails on a whole
+        clip, the clip is run on context windows of half its length, halved again as needed (the result changes:
+        this is logged), and those windows are kept for the following calls."""
+        if self.fallback is not None and window is None:
+            return WindowedDenoiser(self, self.fallback)(x, t, g, step)
+        try:
+            return self._branches(x, t, g, step, window)
+        except OOM_ERRORS:
+            _free_cache()
+        if len(g.branches) > 1 and not self.sequential_branches:
+            self.sequential_branches = True
+            log.warning("video model ran out of memory: running the guidance branches one after the other "
+                        "(same result)")
+            try:
+                return self._branches(x, t, g, step, window)
+            except OOM_ERRORS:
+                _free_cache()
+        length = x.shape[2]
+        while window is None and length > 1:
+            length //= 2
+            self.fallback = ContextWindows(length, length // 4)
+            log.warning("video model ran out of memory on %d frames: continuing on context windows of %d frames "
+                        "(overlap %d); the result differs from a whole-clip run", x.shape[2], length, length // 4)
+            try:
+                return WindowedDenoiser(self, self.fallback)(x, t, g, step)
+            except OOM_ERRORS:
+                _free_cache()
+        raise torch.cuda.OutOfMemoryError(f"video model: out of memory on {x.shape[2]} frames even with the "
+                                          "smallest context windows; lower the size or free GPU memory")
+
+    def _branches(self, x, t, g, step, window) -> torch.Tensor:
+        if not self.sequential_branches or len(g.branches) == 1:
+            return _combine(self._forward(x, t, g, step, window), g)
+        eps = torch.cat([self._forward(x, t, replace(g, branches=[b], weights=[1.0]), step, window)
+                         for b in g.branches])
+        return _combine(eps, g)
+
+    def _forward(self, x, t, g, step, window) -> torch.Tensor:
+        """One UNet call on all branches of ``g``: the stacked per-branch eps ``[K, C, F, h, w]`` float32."""
         unet = self.unet
         dtype, device = _module_dtype(unet), _module_device(unet)
         nf, K = x.shape[2], len(g.branches)
@@ -263,7 +327,7 @@ class VideoDenoiser(_Controllable):
         tell(self.controller, step, t, g, 0, nf, nf, window)
         eps = unet(sample, _timestep_tensor(t, K, device), encoder_hidden_states=ctx, return_dict=False)[0]
         self.calls += 1
-        return _combine(eps.float(), g)
+        return eps.float()
 
 
 class MappedDenoiser:

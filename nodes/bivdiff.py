@@ -110,9 +110,12 @@ class VBFramewiseGenerate(io.ComfyNode):
         guidance = bivdiff.idm_guidance(task, text, null, cfg_scale=cfg, image_scale=image_guidance,
                                         control=control, concat=concat)
 
-        device = runtime.load(image_model.unet, controlnet.patcher if controlnet is not None else None)
+        K = len(guidance.branches)
+        device = runtime.load(image_model.unet, controlnet.patcher if controlnet is not None else None,
+                              rows=K * n, latent_hw=(H // 8, W // 8))
         denoiser = UNet2DDenoiser(m.unet, m.schedule, controlnet=controlnet.model if controlnet else None,
-                                  control_scale=control_strength, frame_batch_size=frame_batch_size or None)
+                                  control_scale=control_strength,
+                                  frame_batch_size=runtime.frame_chunk(frame_batch_size, n, K, (H // 8, W // 8)))
         noise = initial_noise((1, 4, n, H // 8, W // 8), seed).to(device)
         z = bivdiff.framewise_generate(denoiser, noise, m.schedule.timesteps(steps), guidance,
                                        callbacks=cb)
@@ -221,6 +224,8 @@ class VBDDIMInvert(io.ComfyNode):
             raise ValueError(f"{node}: capture_attention: features are captured from a video-model inversion on the "
                              f"sampler's grid; set invert_with to '{INVERT_WITH[1]}' and legacy_grid off")
         progress = runtime.Progress(steps)
+        frames, hw = latent["samples"].shape[-4 if latent["samples"].dim() == 4 else -3], \
+            tuple(latent["samples"].shape[-2:])
         if use_image:
             m = image_model.model
             if m.variant != "base":
@@ -228,12 +233,13 @@ class VBDDIMInvert(io.ComfyNode):
                                  f"an {m.variant} model. Load the base checkpoint for inversion (BIVDiff inverts "
                                  "with the base SD1.5 UNet, not the task model).")
             emb = runtime.encode(image_model, [prompt])
-            device = runtime.load(image_model.unet)
-            denoiser = on_schedule(UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None,
+            device = runtime.load(image_model.unet, rows=frames, latent_hw=hw)
+            denoiser = on_schedule(UNet2DDenoiser(m.unet, m.schedule,
+                                                  frame_batch_size=runtime.frame_chunk(frame_batch_size, frames, 1, hw),
                                                   inflated_groupnorm=inflated_groupnorm), master)
         else:
             emb = runtime.encode(video_model, [prompt])
-            device = runtime.load(video_model.unet)
+            device = runtime.load(video_model.unet, rows=runtime.video_rows(video_model, frames), latent_hw=hw)
             denoiser = runtime.video_denoiser(video_model, master)
         z0 = runtime.from_latent(latent, "latent", scale, device)
         guidance = single(Branch(emb))
@@ -375,7 +381,8 @@ class VBVideoDenoise(io.ComfyNode):
             inject = evs.injecting(denoiser, attention_bank, layers, sfi_gamma)
         progress = runtime.Progress(len(grid))
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
-        device = runtime.load(video_model.unet)
+        device = runtime.load(video_model.unet, rows=runtime.video_rows(video_model, z.shape[2], 1 + (cfg > 1)),
+                              latent_hw=tuple(z.shape[-2:]))
         z = z.to(device)
         guidance = cfg_guidance(Branch(text), Branch(null), cfg)
         with inject:

@@ -121,7 +121,8 @@ class VBEncapsulatedT2V(io.ComfyNode):
             raise _named(node, e) from None
         progress = runtime.Progress(n_V + (len(grid_v) if params.block == "inversion_sfi" else 0))
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
-        device = runtime.load(video_model.unet)
+        device = runtime.load(video_model.unet, rows=runtime.video_rows(video_model, z.shape[2], 1 + (cfg > 1)),
+                              latent_hw=tuple(z.shape[-2:]))
         z = z.to(device)
         try:
             out = evs.t2v_block(denoiser, z, grid_v, n_V, cfg_guidance(Branch(text), Branch(null), cfg),
@@ -213,7 +214,8 @@ class VBEVSRefine(io.ComfyNode):
         text_v, null_v = runtime.encode(video_model, [prompt, ""]).split(1)
         device = runtime.load(image_model.vae)
         z0 = encode_video(m.vae, pixels.to(device), callbacks=cb)
-        runtime.load(image_model.unet, video_model.unet)
+        runtime.load(image_model.unet, video_model.unet, rows=2 * (frame_batch_size or n), latent_hw=(H // 8, W // 8))
+        image.frame_batch_size = runtime.frame_chunk(frame_batch_size, n, 2, (H // 8, W // 8))
         z = evs.evs_refine(image, video, z0.to(runtime.mm.get_torch_device()),
                            cfg_guidance(Branch(text_i), Branch(null_i), cfg),
                            cfg_guidance(Branch(text_v), Branch(null_v), t2v_cfg), seed, params, callbacks=cb)

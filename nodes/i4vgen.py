@@ -172,11 +172,13 @@ class VBAnchorCandidates(io.ComfyNode):
             i4vgen.I4VGenParams(steps=steps, cfg=cfg, num_candidates=num_candidates).checked()
         except ValueError as e:
             raise _named(node, e) from None
-        den = _image_denoiser(image_model, frame_batch_size, official_candidate_schedule)
-        grid = den.schedule.timesteps(steps, "leading")
+        hw = (height // 8, width // 8)
         progress = runtime.Progress(steps + -(-num_candidates // 8))
         text, null = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
-        device = runtime.load(image_model.unet)
+        device = runtime.load(image_model.unet, rows=2 * num_candidates, latent_hw=hw)
+        den = _image_denoiser(image_model, runtime.frame_chunk(frame_batch_size, num_candidates, 2, hw),
+                              official_candidate_schedule)
+        grid = den.schedule.timesteps(steps, "leading")
         noise = i4vgen.candidate_noise(seed, num_candidates, (height // 8, width // 8)).to(device)
         z = i4vgen.generate_candidates(den, noise, grid, cfg_guidance(Branch(text), Branch(null), cfg),
                                        callbacks=progress.callbacks)
@@ -286,7 +288,8 @@ class VBNIVSDS(io.ComfyNode):
         z = runtime.from_latent(latent, "latent", scale, "cpu")
         progress = runtime.Progress(len(grid))
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
-        device = runtime.load(video_model.unet)
+        device = runtime.load(video_model.unet, rows=runtime.video_rows(video_model, z.shape[2], 1 + (cfg > 1)),
+                              latent_hw=tuple(z.shape[-2:]))
         out = i4vgen.ni_vsds(den, z.to(device), i4vgen.stream_noise(z.shape, seed, "nivsds").to(device), grid,
                              cfg_guidance(Branch(text), Branch(null), cfg), params.step_sizes,
                              callbacks=progress.callbacks)
@@ -377,15 +380,17 @@ class VBI4VGen(io.ComfyNode):
             if kind == "first":
                 return None
             res = scorers.score(kind, detail, image_model, prompt, negative_prompt, images, latents, seed, cb)
-            runtime.load(image_model.unet, video_model.unet)
+            runtime.load(image_model.unet, video_model.unet, rows=rows, latent_hw=(h, w))
             return res
 
         def on_stage(name, value):
             runtime.progress_text({"candidates": "stage 1: candidates done, scoring",
                                    "anchor": "stage 2: NI-VSDS", "ni_vsds": "stage 3: regeneration"}[name])
 
-        device = runtime.load(image_model.unet, video_model.unet)
-        image_den = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None)
+        rows = max(2 * num_candidates, runtime.video_rows(video_model, frames, 1 + (cfg > 1)))
+        device = runtime.load(image_model.unet, video_model.unet, rows=rows, latent_hw=(h, w))
+        image_den = UNet2DDenoiser(m.unet, m.schedule,
+                                   frame_batch_size=runtime.frame_chunk(frame_batch_size, num_candidates, 2, (h, w)))
         video_den = runtime.video_denoiser(video_model)
         try:
             res = i4vgen.i4vgen(image_den, video_den, (1, 4, frames, h, w), g_i, g_v, seed, params, score=score,

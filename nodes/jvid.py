@@ -136,7 +136,10 @@ class VBJVIDSample(io.ComfyNode):
         progress = runtime.Progress(steps)
         text_i, null_i = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
         text_v, null_v = runtime.encode(video_model, [video_prompt or prompt, negative_prompt]).split(1)
-        device = runtime.load(image_model.unet, video_model.unet)
+        hw = (height // 8, width // 8)
+        device = runtime.load(image_model.unet, video_model.unet,
+                              rows=max(2 * frames, runtime.video_rows(video_model, frames, 1 + (cfg > 1))),
+                              latent_hw=hw)
         counts = {True: 0, False: 0}
 
         def on_step(i, t, video):
@@ -145,7 +148,7 @@ class VBJVIDSample(io.ComfyNode):
                                   f"so far: video {counts[True]}, image {counts[False]}")
 
         z, used = jvid.jvid_sample(
-            UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None),
+            UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=runtime.frame_chunk(frame_batch_size, frames, 2, hw)),
             runtime.video_denoiser(video_model), (1, 4, frames, height // 8, width // 8),
             cfg_guidance(Branch(text_i), Branch(null_i), cfg), cfg_guidance(Branch(text_v), Branch(null_v), cfg),
             seed, params, device=device, exact_mapping=image_timesteps == MAPPING[1],

@@ -148,13 +148,13 @@ class VBContextWindows(io.ComfyNode):
     def define_schema(cls):
         D = ContextWindows()
         return io.Schema(
-            node_id="VBContextWindows", display_name="Context Windows for a Video Model (VideoBridge)",
+            node_id="VBContextWindows", display_name="Context Windows and Memory for a Video Model (VideoBridge)",
             category="VideoBridge/loaders",
             description="Long clips: every call of this video model (inversion, smoothing, SDEdit, NI-VSDS, JVID and "
                         "EVS steps) runs on windows of context_length frames overlapping by context_overlap, fused "
                         "per frame. Names and defaults as ComfyUI's Context Windows (Manual) node; a connected "
                         "AnimateDiff-Evolved context_options overrides the widgets. Clips no longer than a window "
-                        "are unchanged.",
+                        "are unchanged. branches_in_turn saves memory without changing the result.",
             inputs=[
                 types.VideoModel.Input("video_model", tooltip="The video model to run on windows."),
                 io.Int.Input("context_length", default=D.context_length, min=1, max=1024,
@@ -172,6 +172,10 @@ class VBContextWindows(io.ComfyNode):
                 io.Combo.Input("fuse_method", options=list(FUSE_METHODS), default=D.fuse_method,
                                tooltip="How overlapping windows are averaged per frame: pyramid (= relative; weights "
                                        "peak in a window's middle), flat, or overlap-linear (ramps over the overlap)."),
+                io.Boolean.Input("branches_in_turn", default=False,
+                                 tooltip="Run the guidance branches (prompt and negative prompt) one after the other "
+                                         "instead of as one batch: about half the activation memory, same result. "
+                                         "Chosen automatically after an out-of-memory error."),
                 types.ContextOptions.Input("context_options", optional=True,
                                            tooltip="AnimateDiff-Evolved context options (its first context is "
                                                    "used); overrides the widgets."),
@@ -181,7 +185,7 @@ class VBContextWindows(io.ComfyNode):
 
     @classmethod
     def execute(cls, video_model, context_length, context_overlap, context_schedule, context_stride, closed_loop,
-                fuse_method, context_options=None) -> io.NodeOutput:
+                fuse_method, branches_in_turn, context_options=None) -> io.NodeOutput:
         node = "VBContextWindows"
         opts = ContextWindows(context_length, context_overlap, context_schedule, context_stride, closed_loop,
                               fuse_method)
@@ -191,7 +195,7 @@ class VBContextWindows(io.ComfyNode):
             opts.checked()
         except ValueError as e:
             raise ValueError(f"{node}: {e}") from None
-        return io.NodeOutput(dataclasses.replace(video_model, context=opts))
+        return io.NodeOutput(dataclasses.replace(video_model, context=opts, sequential_branches=branches_in_turn))
 
 
 def from_context_options(obj) -> ContextWindows:

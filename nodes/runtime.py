@@ -44,10 +44,37 @@ def patcher(module: torch.nn.Module, role: str = "unet"):
                                             offload_device=offload)
 
 
-def load(*patchers) -> torch.device:
-    """Load exactly these patchers onto the compute device (ComfyUI evicts others as needed)."""
-    mm.load_models_gpu([p for p in patchers if p is not None], force_full_load=True)
+def activation_bytes(rows: int, latent_hw, dtype: torch.dtype = torch.float16) -> int:
+    """Activation memory of one SD1.5-family UNet call on ``rows`` latents of ``latent_hw`` (frames x guidance
+    branches), by ComfyUI's own estimate for these models (``comfy/model_base.py`` ``BaseModel.memory_required``,
+    ``memory_usage_factor`` 1.0): ``rows*h*w*dtype_size*0.01`` MiB with PyTorch flash / xformers attention, else
+    ``rows*h*w*0.15`` MiB. AnimateDiff and ZeroScope calls use it too (the motion / temporal layers add little)."""
+    h, w = latent_hw
+    area = max(0, int(rows)) * int(h) * int(w)
+    if mm.xformers_enabled() or mm.pytorch_attention_flash_attention():
+        return int(area * mm.dtype_size(dtype) * 0.01 * 1024 * 1024)
+    return int(area * 0.15 * 1024 * 1024)
+
+
+def load(*patchers, rows: int = 0, latent_hw=(0, 0)) -> torch.device:
+    """Load exactly these patchers onto the compute device; ComfyUI evicts other models to leave room for the
+    activations of UNet calls on ``rows`` latents of ``latent_hw`` (``activation_bytes``), as its own samplers do."""
+    mm.load_models_gpu([p for p in patchers if p is not None], memory_required=activation_bytes(rows, latent_hw),
+                       force_full_load=True)
     return mm.get_torch_device()
+
+
+def frame_chunk(requested: int, frames: int, branches: int, latent_hw) -> Optional[int]:
+    """Frames per image-UNet call: ``requested`` when set (> 0); else, on a GPU, as many as the free memory holds
+    by ``activation_bytes`` (call after ``load``); None (all frames) on the CPU. The UNet2D denoiser halves it again
+    on an out-of-memory error; chunking never changes an image model's result."""
+    if requested:
+        return int(requested)
+    device = mm.get_torch_device()
+    if device.type == "cpu":
+        return None
+    per_frame = max(1, activation_bytes(branches, latent_hw))
+    return max(1, min(int(frames), int(mm.get_free_memory(device) * 0.9 // per_frame)))
 
 
 def model_dtype(choice: str, role: str = "unet") -> torch.dtype:
@@ -91,6 +118,7 @@ class VideoHandle:
     text: object = None
     vae: object = None
     context: Optional[ContextWindows] = None      # set by VBContextWindows: every call of this model is windowed
+    sequential_branches: bool = False             # set by VBContextWindows: guidance branches one after the other
 
     def __post_init__(self):
         self.unet = self.unet or patcher(self.model.unet, "unet")
@@ -115,7 +143,16 @@ class ControlNetHandle:
 def video_denoiser(handle: VideoHandle, schedule: Optional[NoiseSchedule] = None):
     """The core denoiser of a VB_VIDEO_MODEL (on ``schedule``, default its own), on the context windows
     VBContextWindows set, if any."""
-    return windowed(VideoDenoiser(handle.model.unet, schedule or handle.model.schedule), handle.context)
+    return windowed(VideoDenoiser(handle.model.unet, schedule or handle.model.schedule,
+                                  sequential_branches=handle.sequential_branches), handle.context)
+
+
+def video_rows(handle: VideoHandle, frames: int, branches: int = 2) -> int:
+    """Latents in one call of this video model on a ``frames`` clip with ``branches`` guidance branches: the window
+    length on context windows, one branch at a time with ``sequential_branches``."""
+    if handle.context is not None:
+        frames = min(frames, handle.context.context_length)
+    return (1 if handle.sequential_branches else branches) * frames
 
 
 # ------------------------------------------------------------------ progress, preview, Cancel

@@ -107,8 +107,10 @@ def score(kind: str, detail, image_model, prompt: str, negative_prompt: str, ima
     if kind == "weight-free":
         m = image_model.model
         text, null = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
-        device = runtime.load(image_model.unet)
-        d = i4vgen.diffusion_alignment(UNet2DDenoiser(m.unet, m.schedule), latents.to(device), Branch(text),
+        n, hw = latents.shape[2], tuple(latents.shape[-2:])
+        device = runtime.load(image_model.unet, rows=2 * n, latent_hw=hw)
+        den = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=runtime.frame_chunk(0, n, 2, hw))
+        d = i4vgen.diffusion_alignment(den, latents.to(device), Branch(text),
                                        Branch(null), seed, callbacks=callbacks or NO_CALLBACKS)
         return i4vgen.weight_free_scores(d, images)
     if kind == "clip":

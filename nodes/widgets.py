@@ -32,8 +32,8 @@ def steps(default=50, what="sampling", name="steps", tooltip=None):
 
 def frame_batch(default=0):
     return io.Int.Input("frame_batch_size", default=default, min=0, max=1024,
-                        tooltip="Frames per image-UNet call (0 = all frames at once). Lower it to save memory; "
-                                "results do not change.")
+                        tooltip="Frames per image-UNet call. 0 = automatic: as many as the free GPU memory holds "
+                                "(all frames on the CPU), halved on an out-of-memory error. Results do not change.")
 
 
 # ------------------------------------------------------------------ selective feature injection

@@ -8,6 +8,7 @@ from videobridge.core.schedule import NoiseSchedule
 from . import tiny
 
 SD = NoiseSchedule.sd15()
+AD = NoiseSchedule.animatediff()
 F_ = 4
 
 
@@ -138,3 +139,73 @@ def test_guidance_is_combined_in_the_official_order_bit_for_bit():
     e_i = ip(x, 301, single(Branch(u, img)))
     e_0 = ip(x, 301, single(Branch(u, torch.zeros_like(img))))
     assert torch.equal(ip(x, 301, ip2p(c, u, img, 7.5, 1.5)), e_0 + 7.5 * (e_ti - e_i) + 1.5 * (e_i - e_0))
+
+
+class OOMAbove(torch.nn.Module):
+    """Wraps a UNet; raises CUDA's out-of-memory error when a call's batch is above ``limit`` rows (frames x branches
+    for 2-D UNets, branches x frames for video UNets); records the batch sizes it accepted."""
+
+    def __init__(self, unet, limit, video=False):
+        super().__init__()
+        self.unet, self.limit, self.video, self.ok = unet, limit, video, []
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, sample, *args, **kwargs):
+        rows = sample.shape[0] * (sample.shape[2] if self.video else 1)
+        if rows > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"simulated: {rows} rows")
+        self.ok.append(rows)
+        return self.unet(sample, *args, **kwargs)
+
+
+class OOMMotion(OOMAbove):
+    pass
+
+
+OOMMotion.__name__ = "UNetMotionModel"       # VideoDenoiser reads the per-frame text layout from the class name
+
+
+def test_out_of_memory_halves_image_chunks_with_the_same_result(caplog):
+    from videobridge.core.denoisers import UNet2DDenoiser
+
+    unet = tiny.unet2d(0)
+    x = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = cfg(Branch(tiny.text(1)), Branch(tiny.text(2)), 7.5)
+    with torch.no_grad():
+        ref = UNet2DDenoiser(unet, SD)(x, 501, g)
+        tight = OOMAbove(unet, 6)
+        den = UNet2DDenoiser(tight, SD)
+        out = den(x, 501, g)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    assert max(tight.ok) <= 6 and den.frame_batch_size == 2 and "ran out of memory" in caplog.text
+    with torch.no_grad(), pytest.raises(torch.cuda.OutOfMemoryError):
+        UNet2DDenoiser(OOMAbove(unet, 1), SD)(x, 501, g)                   # 2 branches x 1 frame still too many
+
+
+def test_out_of_memory_on_a_video_model_runs_branches_in_turn_then_windows(caplog):
+    """First the guidance branches one after the other (same result), then context windows (logged: the result
+    differs), which are kept for the next calls; sequential_branches on request gives the same result."""
+    from videobridge.core.denoisers import VideoDenoiser
+
+    unet = tiny.motion_unet(0)
+    x = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    g = cfg(Branch(tiny.text(1)), Branch(tiny.text(2)), 7.5)
+    with torch.no_grad():
+        ref = VideoDenoiser(unet, AD)(x, 501, g)
+        seq = VideoDenoiser(OOMMotion(unet, 8, video=True), AD)
+        torch.testing.assert_close(seq(x, 501, g), ref, rtol=1e-4, atol=2e-5)
+        assert seq.sequential_branches and seq.fallback is None
+        torch.testing.assert_close(VideoDenoiser(unet, AD, sequential_branches=True)(x, 501, g), ref,
+                                   rtol=1e-4, atol=2e-5)
+        tight = OOMMotion(unet, 4, video=True)
+        win = VideoDenoiser(tight, AD)
+        out = win(x, 501, g)
+        assert win.fallback.context_length == 4 and max(tight.ok) <= 4
+        assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4
+        n = len(tight.ok)
+        win(x, 501, g)
+        assert all(r <= 4 for r in tight.ok[n:])                            # the windows are kept
+    assert "context windows of 4 frames" in caplog.text

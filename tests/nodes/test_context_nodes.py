@@ -50,7 +50,7 @@ def animatediff(N, base):
 
 def windows_on(N, vm, **kw):
     args = dict(video_model=vm, context_length=16, context_overlap=4, context_schedule="standard_static",
-                context_stride=1, closed_loop=False, fuse_method="pyramid")
+                context_stride=1, closed_loop=False, fuse_method="pyramid", branches_in_turn=False)
     args.update(kw)
     return run(N["VBContextWindows"], **args)[0]
 
@@ -81,8 +81,35 @@ def test_context_windows_node_on_smoothing(N, base, animatediff):
                                                                 context_schedule="standard_static", context_stride=1,
                                                                 closed_loop=False, fuse_method="pyramid")])
     assert torch.equal(denoise(windows_on(N, animatediff, context_options=ade)), out)
+    in_turn = windows_on(N, animatediff, context_length=FRAMES, branches_in_turn=True)
+    one = dict(video_model=animatediff, latent=lat, prompt="a cat", negative_prompt="", seed=1, steps=1, cfg=7.5,
+               strength=1.0)
+    a = run(N["VBVideoDenoise"], **one)[0]["samples"]
+    b = run(N["VBVideoDenoise"], **dict(one, video_model=in_turn))[0]["samples"]
+    assert float((a - b).norm() / a.norm()) < 1e-4   # same result; fp32 rounding of another batch size x CFG 7.5 (2.6e-5)
     with pytest.raises(ValueError, match="VBContextWindows: context_overlap must be in 0..context_length-1"):
         windows_on(N, animatediff, context_length=4, context_overlap=4)
     bad = types.SimpleNamespace(context_length=4, context_overlap=1, context_schedule="view_as_context")
     with pytest.raises(ValueError, match="VBContextWindows: context_options: schedule 'view_as_context'"):
         windows_on(N, animatediff, context_options=bad)
+
+
+def test_model_loads_reserve_the_activations_of_the_calls(N, base, animatediff, monkeypatch):
+    """ComfyUI's loader is asked for the activation memory of the calls to come (its own SD1.5 estimate), for the
+    window length and branch count actually batched; on the CPU the image-model chunk stays 'all frames'."""
+    import comfy.model_management as mm
+
+    from videobridge.nodes import runtime
+
+    asked = []
+    real = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, memory_required=0, **kw: (
+        asked.append(memory_required), real(models, memory_required=memory_required, **kw))[1])
+    lat = {"samples": torch.zeros(FRAMES, 4, SIZE // 8, SIZE // 8)}
+    for vm, rows in [(animatediff, 2 * FRAMES), (windows_on(N, animatediff, context_length=4, context_overlap=2), 8),
+                     (windows_on(N, animatediff, context_length=4, context_overlap=2, branches_in_turn=True), 4)]:
+        asked.clear()
+        run(N["VBVideoDenoise"], video_model=vm, latent=lat, prompt="", negative_prompt="", seed=0, steps=1, cfg=7.5,
+            strength=1.0)
+        assert runtime.activation_bytes(rows, (SIZE // 8, SIZE // 8)) in asked and max(asked) > 0
+    assert runtime.frame_chunk(0, 16, 2, (8, 8)) is None and runtime.frame_chunk(3, 16, 2, (8, 8)) == 3
