@@ -274,6 +274,10 @@ class VideoDenoiser(_Controllable):
         this is logged), and those windows are kept for the following calls."""
         if self.fallback is not None and window is None:
             return WindowedDenoiser(self, self.fallback)(x, t, g, step)
+        longest = getattr(self.unet.config, "motion_max_seq_length", None) if self.per_frame_text else None
+        if longest and x.shape[2] > longest:
+            raise ValueError(f"this AnimateDiff motion module handles at most {longest} frames at once, the clip has "
+                             f"{x.shape[2]}; connect the video model through VBContextWindows (context_length 16)")
         try:
             return self._branches(x, t, g, step, window)
         except OOM_ERRORS:

@@ -105,3 +105,14 @@ def test_attention_capture_and_injection_are_keyed_by_window():
         with pytest.raises(ValueError, match="other context windows"):
             with plain.controlled(AttentionController(layers, bank, "inject", gamma=1.0)):
                 plain(x, 500, g, step=3)
+
+
+def test_clips_longer_than_the_motion_module_need_windows():
+    """AnimateDiff v2 encodes 32 positions: a 40-frame clip is refused with the fix named; on windows it runs."""
+    unet = tiny.motion_unet(0)
+    x = torch.randn(1, 4, 40, 8, 8, generator=torch.Generator().manual_seed(3))
+    g = cfg(Branch(tiny.text(1)), Branch(tiny.text(2)), 1.0)
+    with torch.no_grad(), pytest.raises(ValueError, match="at most 32 frames.*VBContextWindows"):
+        VideoDenoiser(unet, AD)(x, 500, g)
+    with torch.no_grad():
+        assert torch.isfinite(WindowedDenoiser(VideoDenoiser(unet, AD), ContextWindows())(x, 500, g)).all()
