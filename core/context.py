@@ -37,6 +37,7 @@ class ContextWindows:
     context_stride: int = 1
     closed_loop: bool = False
     fuse_method: str = "pyramid"
+    freenoise: bool = False
 
     def checked(self) -> "ContextWindows":
         """Self, after validation; ValueError naming the option, the value and what is expected."""
@@ -172,6 +173,38 @@ def _frames_of(branch, idx: list, num_frames: int):
     text = branch.text[idx] if branch.text.shape[0] == num_frames and num_frames > 1 else branch.text
     concat = None if branch.concat is None else branch.concat[:, :, idx]
     return replace(branch, text=text, concat=concat)
+
+
+FREENOISE_STREAM = 0xF4EE
+"""Offset of the seed of FreeNoise's permutations (its own stream: never shifts another draw)."""
+
+
+def freenoise(noise: torch.Tensor, opts: ContextWindows, seed: int) -> torch.Tensor:
+    """FreeNoise noise rescheduling (Qiu et al. 2023, "FreeNoise: Tuning-Free Longer Video Diffusion via Noise
+    Rescheduling"; AnimateDiff-Evolved's FreeNoise option): the noise of frames after the first window repeats,
+    block by block of ``context_length - context_overlap`` frames, a random permutation of the block before, so that
+    every window starts from similar noise and long clips stay coherent. noise ``[1, C, F, h, w]``; returns a new
+    tensor (unchanged when the clip fits in one window). Permutations come from ``seed + FREENOISE_STREAM``."""
+    F, L, O = noise.shape[2], opts.context_length, opts.context_overlap
+    out = noise.clone()
+    if F <= L:
+        return out
+    g = torch.Generator("cpu").manual_seed(int(seed) + FREENOISE_STREAM)
+    delta = L - O
+    for start in range(0, F - L, delta):
+        place = start + L
+        n = min(delta, F - place)
+        idx = torch.arange(start, start + n)[torch.randperm(n, generator=g)]
+        out[:, :, place:place + n] = out[:, :, idx.to(out.device)]
+    return out
+
+
+def video_noise(denoiser, noise: torch.Tensor, seed: int) -> torch.Tensor:
+    """The starting noise of a video-model run: FreeNoise-rescheduled when ``denoiser`` runs on context windows with
+    ``freenoise`` on, else ``noise`` itself. Every method that draws noise for a video model calls this."""
+    if isinstance(denoiser, WindowedDenoiser) and denoiser.opts.freenoise:
+        return freenoise(noise, denoiser.opts, seed)
+    return noise
 
 
 class WindowedDenoiser:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionController, FeatureBank, SFI_PRESETS, check_budget, check_gamma
 from .callbacks import NO_CALLBACKS, Callbacks
+from .context import video_noise
 from .denoisers import Guidance
 from .samplers import ddim_invert, ddim_sample, initial_noise, predict_clean
 
@@ -251,7 +252,8 @@ def evs_refine(image_denoiser, video_denoiser, z0: torch.Tensor, image_guidance:
     x = ddim_sample(image_denoiser, x, before, image_guidance, end=params.t_T2V, callbacks=callbacks)
     z_i = predict_clean(image_denoiser, x, params.t_T2V, image_guidance, step=len(before), callbacks=callbacks)
     z_iv = t2v_block(video_denoiser, z_i, grid_v, params.n_V, video_guidance, mode=params.block,
-                     noise=initial_noise(z0.shape, seed + STREAMS["t2v"]), sfi_layers=params.sfi_layers,
+                     noise=video_noise(video_denoiser, initial_noise(z0.shape, seed + STREAMS["t2v"]), seed),
+                     sfi_layers=params.sfi_layers,
                      sfi_gamma=params.sfi_gamma, fixed_point_iters=params.fixed_point_iters,
                      bank_dtype=params.bank_dtype, bank_device=params.bank_device, callbacks=callbacks)
     eps_r = eps if params.renoise == "initial" else initial_noise(z0.shape, seed + STREAMS["renoise"]).to(device)

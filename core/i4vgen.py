@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .callbacks import NO_CALLBACKS, Callbacks
+from .context import video_noise
 from .denoisers import Guidance
 from .samplers import ddim_sample, initial_noise, sdedit
 from .schedule import ANIMATEDIFF_SCHEDULER_CONFIG, NoiseSchedule
@@ -382,10 +383,10 @@ def i4vgen(image_denoiser, video_denoiser, shape: Sequence[int], image_guidance:
     if on_stage:
         on_stage("anchor", anchor)
     z = static_video(anchor, frames)
-    z = ni_vsds(stages["video"], z, stream_noise(z.shape, seed, "nivsds").to(device), stages["nivsds"], nivsds_guidance or video_guidance,
-                params.step_sizes, callbacks=callbacks)
+    z = ni_vsds(stages["video"], z, video_noise(stages["video"], stream_noise(z.shape, seed, "nivsds"), seed).to(device),
+                stages["nivsds"], nivsds_guidance or video_guidance, params.step_sizes, callbacks=callbacks)
     if on_stage:
         on_stage("ni_vsds", z)
-    video = regenerate(stages["video"], z, stream_noise(z.shape, seed, "regen").to(device),
+    video = regenerate(stages["video"], z, video_noise(stages["video"], stream_noise(z.shape, seed, "regen"), seed).to(device),
                        stages["regen"], video_guidance, callbacks=callbacks)
     return I4VGenResult(video, anchor, z, candidates, scores, index)

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .callbacks import NO_CALLBACKS, Callbacks
+from .context import video_noise
 from .denoisers import Guidance, on_schedule
 from .samplers import initial_noise
 
@@ -160,7 +161,7 @@ def jvid_sample(image_denoiser, video_denoiser, shape: Sequence[int], image_guid
     image = on_schedule(image_denoiser, master, exact=exact_mapping)
     grid = master.timesteps(int(params.steps), "leading")
     used = choose_models(params, seed)
-    s = initial_noise(shape, int(seed) + STREAMS["init"]).to(device or "cpu")
+    s = video_noise(video_denoiser, initial_noise(shape, int(seed) + STREAMS["init"]), seed).to(device or "cpu")
     step_gen = torch.Generator("cpu").manual_seed(int(seed) + STREAMS["step"])
     shared_gen = torch.Generator("cpu").manual_seed(int(seed) + STREAMS["shared"])
     for i, t in enumerate(grid):

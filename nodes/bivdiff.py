@@ -9,6 +9,7 @@ import contextlib
 
 from ..core import bivdiff, evs
 from ..core.attention import FeatureBank, check_gamma
+from ..core.context import video_noise
 from ..core.denoisers import Branch, UNet2DDenoiser, on_schedule, single
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
@@ -389,6 +390,6 @@ class VBVideoDenoise(io.ComfyNode):
             if noisy:
                 out = bivdiff.temporal_smoothing(denoiser, z, grid, guidance, callbacks=progress.callbacks)
             else:
-                noise = initial_noise(z.shape, seed).to(device)
+                noise = video_noise(denoiser, initial_noise(z.shape, seed), seed).to(device)
                 out = sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
         return io.NodeOutput(runtime.to_latent(out, scale))

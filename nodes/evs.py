@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..core import evs
+from ..core.context import video_noise
 from ..core.denoisers import Branch, UNet2DDenoiser
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import decode_video, encode_video, vae_scale
@@ -126,7 +127,8 @@ class VBEncapsulatedT2V(io.ComfyNode):
         z = z.to(device)
         try:
             out = evs.t2v_block(denoiser, z, grid_v, n_V, cfg_guidance(Branch(text), Branch(null), cfg),
-                                mode=params.block, noise=initial_noise(z.shape, seed + evs.STREAMS["t2v"]),
+                                mode=params.block,
+                                noise=video_noise(denoiser, initial_noise(z.shape, seed + evs.STREAMS["t2v"]), seed),
                                 bank=attention_bank, sfi_layers=sfi_layers, sfi_gamma=sfi_gamma,
                                 fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
                                 callbacks=progress.callbacks)

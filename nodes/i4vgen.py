@@ -12,6 +12,7 @@ import torch
 from einops import rearrange
 
 from ..core import i4vgen
+from ..core.context import video_noise
 from ..core.denoisers import Branch, UNet2DDenoiser
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
@@ -290,7 +291,8 @@ class VBNIVSDS(io.ComfyNode):
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
         device = runtime.load(video_model.unet, rows=runtime.video_rows(video_model, z.shape[2], 1 + (cfg > 1)),
                               latent_hw=tuple(z.shape[-2:]))
-        out = i4vgen.ni_vsds(den, z.to(device), i4vgen.stream_noise(z.shape, seed, "nivsds").to(device), grid,
+        noise = video_noise(den, i4vgen.stream_noise(z.shape, seed, "nivsds"), seed)
+        out = i4vgen.ni_vsds(den, z.to(device), noise.to(device), grid,
                              cfg_guidance(Branch(text), Branch(null), cfg), params.step_sizes,
                              callbacks=progress.callbacks)
         return io.NodeOutput(runtime.to_latent(out, scale))

@@ -172,6 +172,11 @@ class VBContextWindows(io.ComfyNode):
                 io.Combo.Input("fuse_method", options=list(FUSE_METHODS), default=D.fuse_method,
                                tooltip="How overlapping windows are averaged per frame: pyramid (= relative; weights "
                                        "peak in a window's middle), flat, or overlap-linear (ramps over the overlap)."),
+                io.Boolean.Input("freenoise", default=False,
+                                 tooltip="FreeNoise: the starting noise of later windows repeats shuffled blocks of "
+                                         "the earlier noise, so a long clip stays one scene (Qiu et al. 2023; "
+                                         "AnimateDiff-Evolved's FreeNoise). Applies to every noise drawn for this "
+                                         "video model; off = independent noise per frame."),
                 io.Boolean.Input("branches_in_turn", default=False,
                                  tooltip="Run the guidance branches (prompt and negative prompt) one after the other "
                                          "instead of as one batch: about half the activation memory, same result. "
@@ -185,13 +190,13 @@ class VBContextWindows(io.ComfyNode):
 
     @classmethod
     def execute(cls, video_model, context_length, context_overlap, context_schedule, context_stride, closed_loop,
-                fuse_method, branches_in_turn, context_options=None) -> io.NodeOutput:
+                fuse_method, freenoise, branches_in_turn, context_options=None) -> io.NodeOutput:
         node = "VBContextWindows"
         opts = ContextWindows(context_length, context_overlap, context_schedule, context_stride, closed_loop,
-                              fuse_method)
+                              fuse_method, freenoise)
         try:
             if context_options is not None:
-                opts = from_context_options(context_options)
+                opts = dataclasses.replace(from_context_options(context_options), freenoise=freenoise)
             opts.checked()
         except ValueError as e:
             raise ValueError(f"{node}: {e}") from None

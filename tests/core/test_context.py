@@ -116,3 +116,26 @@ def test_clips_longer_than_the_motion_module_need_windows():
         VideoDenoiser(unet, AD)(x, 500, g)
     with torch.no_grad():
         assert torch.isfinite(WindowedDenoiser(VideoDenoiser(unet, AD), ContextWindows())(x, 500, g)).all()
+
+
+def test_freenoise_repeats_shuffled_blocks_of_the_earlier_noise():
+    """48 frames, windows 16 / overlap 4: frames 16.. repeat permutations of the 12-frame block 12 frames earlier;
+    the first window's noise is untouched; each block is a permutation (no frame lost or doubled); seeded; a clip that
+    fits one window, or windows without freenoise, keep their noise."""
+    from videobridge.core.context import freenoise, video_noise
+
+    noise = torch.randn(1, 4, 48, 2, 2, generator=torch.Generator().manual_seed(0))
+    opts = ContextWindows(16, 4, freenoise=True)
+    out = freenoise(noise, opts, seed=5)
+    assert torch.equal(out[:, :, :16], noise[:, :, :16]) and not torch.equal(out, noise)
+    for start, place, n in ((0, 16, 12), (12, 28, 12), (24, 40, 8)):      # block after each window's start block
+        def frames(a, b):
+            return sorted(tuple(out[0, :, i].flatten().tolist()) for i in range(a, b))
+        assert frames(place, place + n) == frames(start, start + n)
+        assert not torch.equal(out[:, :, place:place + n], out[:, :, start:start + n])   # shuffled, not copied
+    assert torch.equal(out, freenoise(noise, opts, seed=5)) and not torch.equal(out, freenoise(noise, opts, seed=6))
+    assert torch.equal(freenoise(noise[:, :, :16], opts, 5), noise[:, :, :16])
+    inner = FrameLocal()
+    assert torch.equal(video_noise(WindowedDenoiser(inner, opts), noise, 5), out)
+    assert video_noise(WindowedDenoiser(inner, ContextWindows(16, 4)), noise, 5) is noise and \
+        video_noise(inner, noise, 5) is noise

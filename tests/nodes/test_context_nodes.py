@@ -50,7 +50,7 @@ def animatediff(N, base):
 
 def windows_on(N, vm, **kw):
     args = dict(video_model=vm, context_length=16, context_overlap=4, context_schedule="standard_static",
-                context_stride=1, closed_loop=False, fuse_method="pyramid", branches_in_turn=False)
+                context_stride=1, closed_loop=False, fuse_method="pyramid", freenoise=False, branches_in_turn=False)
     args.update(kw)
     return run(N["VBContextWindows"], **args)[0]
 
@@ -81,6 +81,9 @@ def test_context_windows_node_on_smoothing(N, base, animatediff):
                                                                 context_schedule="standard_static", context_stride=1,
                                                                 closed_loop=False, fuse_method="pyramid")])
     assert torch.equal(denoise(windows_on(N, animatediff, context_options=ade)), out)
+    noisy = denoise(windows_on(N, animatediff, context_length=4, context_overlap=2, freenoise=True))
+    assert torch.isfinite(noisy).all() and not torch.equal(noisy, out)           # FreeNoise changes the SDEdit noise
+    assert torch.equal(denoise(windows_on(N, animatediff, context_length=FRAMES, freenoise=True)), plain)  # one window
     in_turn = windows_on(N, animatediff, context_length=FRAMES, branches_in_turn=True)
     one = dict(video_model=animatediff, latent=lat, prompt="a cat", negative_prompt="", seed=1, steps=1, cfg=7.5,
                strength=1.0)
