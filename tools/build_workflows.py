@@ -405,26 +405,11 @@ def i4vgen_image_to_video():
     return stem, "I4VGen image-to-video: your picture as the anchor, set in motion by AnimateDiff (NI-VSDS)", nodes, stages
 
 
-FILE_NAMES = {
-    "bivdiff_controlnet_zeroscope": "BIVDiff - ControlNet video (Canny) with ZeroScope smoothing",
-    "bivdiff_ip2p_animatediff": "BIVDiff - InstructPix2Pix video edit with AnimateDiff smoothing",
-    "bivdiff_inpaint_zeroscope": "BIVDiff - Inpaint a region of a video with ZeroScope smoothing",
-    "bivdiff_outpaint_zeroscope": "BIVDiff - Outpaint a video (top and bottom) with ZeroScope smoothing",
-    "bivdiff_long_clip_animatediff": "BIVDiff - Long clip (48 frames) with AnimateDiff smoothing on context windows",
-    "evs_refine_animatediff_lightning": "EVS - Refine a video with SD1.5 and AnimateDiff-Lightning",
-    "jvid_text_to_video": "JVID - Text to video mixing SD1.5 and AnimateDiff",
-    "jvid_text_to_video_zeroscope": "JVID - Text to video mixing SD1.5 and ZeroScope",
-    "i4vgen_text_to_video_animatediff": "I4VGen - Text to video through an anchor image (AnimateDiff)",
-    "i4vgen_image_to_video_animatediff": "I4VGen - Picture to video (AnimateDiff)",
-}
-"""Workflow id (``extra.info.id``, output file prefix, ``run_workflow.py`` argument) -> file name. ComfyUI's frontend
-1.32.9 (ComfyUI 0.3.75) shows a custom node's template by its file name, as title and, with - and _ turned into
-spaces, as description; it reads no title from the file. So the file name is the title."""
-
-
 def workflow_file(stem: str) -> str:
-    """Path (without extension) of the workflow with id ``stem`` in ``workflows/``."""
-    return os.path.join(ROOT, "workflows", FILE_NAMES[stem])
+    """Path (without extension) of the workflow with id ``stem``: ``workflows/<stem>`` (the paths the issues and the
+    README name). ComfyUI's frontend 1.32.9 (ComfyUI 0.3.75) lists a custom node's templates by file name only (it
+    reads no title or description from the file); the title is in ``extra.info.title`` for frontends that read it."""
+    return os.path.join(ROOT, "workflows", stem)
 
 
 SPECS = [controlnet_zeroscope, ip2p_animatediff, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
