@@ -40,7 +40,7 @@ __all__ = [
     "sd15_configs_from_weights", "load_image_model", "load_tokenizer", "clip_tokenizer_from_open_clip",
     "load_motion_adapter", "use_per_frame_motion_norm", "build_animatediff", "load_unet3d_folder",
     "controlnet_config_from_weights", "load_controlnet", "encode_prompts", "list_diffusers_folders",
-    "VARIANTS_BY_IN_CHANNELS", "TOKENIZER_MAX_LENGTH", "is_full_clip", "load_clip_model",
+    "VARIANTS_BY_IN_CHANNELS", "TOKENIZER_MAX_LENGTH", "is_full_clip", "load_clip_model", "share_spatial_modules",
 ]
 
 TOKENIZER_MAX_LENGTH = 77
@@ -553,13 +553,37 @@ def use_per_frame_motion_norm(unet: torch.nn.Module) -> int:
     return n
 
 
+SPATIAL_TOP = ("conv_in", "time_proj", "time_embedding", "conv_norm_out", "conv_act", "conv_out")
+SPATIAL_IN_BLOCKS = ("attentions", "resnets", "downsamplers", "upsamplers")
+
+
+def share_spatial_modules(video_unet: torch.nn.Module, unet: torch.nn.Module) -> None:
+    """Make the AnimateDiff UNet use the image UNet's spatial module objects (convolutions, resnets, spatial
+    transformers, samplers, time embedding): one set of parameters, so any ``.to(device)`` of either model moves the
+    same tensors and the weights never exist twice, on the GPU or in RAM (MODELS.md §3.6; shared storage alone is
+    undone by the first device move). Only the motion modules are the video UNet's own. Both models compute exactly
+    what they did before. Attention processors set on a shared layer apply to both models."""
+    for name in SPATIAL_TOP:
+        if hasattr(unet, name):
+            setattr(video_unet, name, getattr(unet, name))
+    for kind in ("down_blocks", "up_blocks"):
+        for vb, ib in zip(getattr(video_unet, kind), getattr(unet, kind)):
+            for name in SPATIAL_IN_BLOCKS:
+                if getattr(ib, name, None) is not None:
+                    setattr(vb, name, getattr(ib, name))
+    for name in SPATIAL_IN_BLOCKS:
+        if getattr(unet.mid_block, name, None) is not None:
+            setattr(video_unet.mid_block, name, getattr(unet.mid_block, name))
+
+
 def build_animatediff(image_model: ImageModel, adapter: "MotionAdapter", family: str,
                       dtype: Optional[torch.dtype] = None, source: Optional[str] = None) -> VideoModel:
     """Assemble an AnimateDiff ``UNetMotionModel`` from an SD1.5 base image model and a motion adapter.
 
     The spatial weights are shared with ``image_model.unet`` without copying (constructed on the meta device, then
-    ``load_state_dict(..., assign=True)``: 0.3 s instead of 25 s at full size, MODELS.md §3.6), unless ``dtype``
-    differs from the image UNet's dtype, in which case they are cast copies. Every motion-module input norm is a
+    ``load_state_dict(..., assign=True)``: 0.3 s instead of 25 s at full size, MODELS.md §3.6), and the spatial
+    modules themselves are the image UNet's (:func:`share_spatial_modules`), so the sharing survives device moves;
+    unless ``dtype`` differs from the image UNet's dtype, in which case they are cast copies. Every motion-module input norm is a
     per-frame GroupNorm (:class:`PerFrameGroupNorm`). Text encoder and tokenizer are shared with the image model;
     ``vae`` is None; the schedule is AnimateDiff's linear-beta schedule. ``family`` is the adapter family from
     :func:`load_motion_adapter` ("v1"/"v2"/"v3", or already prefixed "animatediff-...").
@@ -585,6 +609,8 @@ def build_animatediff(image_model: ImageModel, adapter: "MotionAdapter", family:
     leftover = [n for n, t in [*video_unet.named_parameters(), *video_unet.named_buffers()] if t.is_meta]
     if leftover:  # pragma: no cover - guarded by strict=True
         raise RuntimeError(f"UNetMotionModel has unloaded tensors: {leftover[:3]}")
+    if dtype == unet.dtype:
+        share_spatial_modules(video_unet, unet)
     use_per_frame_motion_norm(video_unet)
     fam = family if family.startswith("animatediff") else f"animatediff-{family}"
     return VideoModel(_frozen(video_unet), image_model.text_encoder, image_model.tokenizer,

@@ -132,10 +132,13 @@ class VBLoadVideoModel(io.ComfyNode):
                 if image_model is None:
                     raise ValueError(f"'{model_name}' is an AnimateDiff motion module: connect the SD1.5 "
                                      "image_model it should be added to")
-                adapter, family = core_models.load_motion_adapter(path, dtype=torch_dtype)
-                model = core_models.build_animatediff(image_model.model, adapter, family, dtype=torch_dtype,
-                                                      source=path)
-                handle = runtime.VideoHandle(model, image=image_model)
+                model = runtime.shared_animatediff(image_model, path, torch_dtype)
+                if model is None:
+                    adapter, family = core_models.load_motion_adapter(path, dtype=torch_dtype)
+                    model = core_models.build_animatediff(image_model.model, adapter, family, dtype=torch_dtype,
+                                                          source=path)
+                model = dataclasses.replace(model)                      # its own spacing; the UNet is shared
+                handle = runtime.animatediff_handle(model, image_model, path, torch_dtype)
         except ValueError as e:
             raise ValueError(f"{node}: {e}") from None
         if sampling == SAMPLING[1]:

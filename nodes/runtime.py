@@ -6,6 +6,7 @@ right before use (COMFYUI.md §7). Returned tensors go to ``intermediate_device(
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -138,6 +139,41 @@ class ControlNetHandle:
 
     def __post_init__(self):
         self.patcher = self.patcher or patcher(self.model, "unet")
+
+
+def unique_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each shared tensor counted once."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _motion_key(path: str, dtype) -> str:
+    return "motion_" + hashlib.sha1(f"{os.path.abspath(path)}|{dtype}".encode()).hexdigest()[:12]
+
+
+def shared_animatediff(image: ImageHandle, path: str, dtype) -> Optional[VideoModel]:
+    """The AnimateDiff model already built from motion module ``path`` on this image model (see
+    ``animatediff_handle``), or None."""
+    return getattr(image.unet.model, "vb_video_models", {}).get(_motion_key(path, dtype))
+
+
+def animatediff_handle(model: VideoModel, image: ImageHandle, path: str, dtype) -> VideoHandle:
+    """The VB_VIDEO_MODEL of an AnimateDiff model built on ``image``. When its spatial modules are the image UNet's
+    (``core.models.share_spatial_modules``: same dtype), the motion UNet joins the image model's ModelPatcher, so
+    ComfyUI loads, moves and counts the shared weights once for both handles (two patchers over shared modules would
+    each move them and disagree about where they are). A motion module built again on the same image model (the
+    node re-run) is reused, not added twice."""
+    unet = image.model.unet
+    if model.unet.conv_in is not unet.conv_in:                     # cast copy (another dtype): its own patcher
+        return VideoHandle(model, image=image)
+    holder = image.unet.model
+    models = holder.__dict__.setdefault("vb_video_models", {})
+    key = _motion_key(path, dtype)
+    if key not in models:
+        model.unet.to(next(unet.parameters()).device)           # where the patcher has the shared weights now
+        holder.add_module(key, model.unet)
+        models[key] = model
+        image.unet.size = unique_bytes(holder)
+    return VideoHandle(model, image=image, unet=image.unet)
 
 
 def video_denoiser(handle: VideoHandle, schedule: Optional[NoiseSchedule] = None):

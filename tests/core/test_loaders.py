@@ -336,6 +336,33 @@ def test_build_animatediff_shares_spatial_weights(base_model, video_model, mm_v2
     assert not video_model.schedule.same_as(base_model.schedule)
 
 
+def test_spatial_weight_sharing_survives_device_moves(base_model, mm_v2, monkeypatch):
+    """The AnimateDiff UNet is built on the image UNet's own spatial modules: every image-UNet parameter IS a
+    video-UNet parameter (one copy), the output equals a build with storage sharing only, bit for bit, and after
+    moving either model (a dtype move and the meta device stand in for a GPU) the two still share every tensor."""
+    import copy
+
+    image = copy.deepcopy(base_model)                            # this test moves it
+    vm = M.build_animatediff(image, *M.load_motion_adapter(mm_v2[0]))
+    vu, iu = vm.unet, image.unet
+    video_params = {id(p) for p in vu.parameters()}
+    assert all(id(p) in video_params for p in iu.parameters())
+    motion = sum(p.numel() for n, p in vu.named_parameters() if "motion_modules" in n)
+    assert sum(p.numel() for p in vu.parameters()) == sum(p.numel() for p in iu.parameters()) + motion
+    monkeypatch.setattr(M, "share_spatial_modules", lambda video_unet, unet: None)
+    storage_only = M.build_animatediff(copy.deepcopy(base_model), *M.load_motion_adapter(mm_v2[0])).unet
+    assert storage_only.conv_in is not copy.deepcopy(base_model).unet.conv_in
+    x, ctx = torch.randn(1, 4, 3, 8, 8), torch.randn(3, 77, vu.config.cross_attention_dim)
+    with torch.no_grad():
+        assert torch.equal(vu(x, torch.tensor([500]), ctx).sample, storage_only(x, torch.tensor([500]), ctx).sample)
+    iu.to(torch.float64)                                         # moving the image model moves the video model's
+    assert vu.conv_in.weight.dtype == torch.float64 and vu.down_blocks[1].resnets[0].conv1.weight is \
+        iu.down_blocks[1].resnets[0].conv1.weight
+    vu.to("meta")                                                # and the other way round
+    assert all(p.is_meta for p in iu.parameters())
+    assert all(id(p) in {id(q) for q in vu.parameters()} for p in iu.parameters())
+
+
 def test_motion_unet_forward_with_per_frame_context(video_model):
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
     m, F_ = video_model, 4

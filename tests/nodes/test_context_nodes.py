@@ -116,3 +116,27 @@ def test_model_loads_reserve_the_activations_of_the_calls(N, base, animatediff, 
             strength=1.0)
         assert runtime.activation_bytes(rows, (SIZE // 8, SIZE // 8)) in asked and max(asked) > 0
     assert runtime.frame_chunk(0, 16, 2, (8, 8)) is None and runtime.frame_chunk(3, 16, 2, (8, 8)) == 3
+
+
+def test_animatediff_shares_the_image_models_patcher_and_weights(N):
+    """VBLoadVideoModel puts the motion UNet into the image model's ModelPatcher: one patcher, one copy of the
+    spatial weights (its size counts them once), a move of that patcher's model moves both models, and a re-run of
+    the loader reuses the motion UNet instead of adding another."""
+    from videobridge.nodes import runtime
+
+    image = run(N["VBLoadImageModel"], model_name="v1-5-pruned-emaonly.safetensors", dtype="auto", vae_dtype="auto")[0]
+    video = run(N["VBLoadVideoModel"], model_name=MOTION, dtype="auto", sampling="model default (DDIM)",
+                image_model=image)[0]
+    again = run(N["VBLoadVideoModel"], model_name=MOTION, dtype="auto", sampling="Lightning (trailing grid)",
+                image_model=image)[0]
+    assert video.unet is image.unet and again.unet is image.unet and again.model.unet is video.model.unet
+    assert video.model.spacing == "leading" and again.model.spacing == "trailing"
+    holder = image.unet.model
+    assert sum(1 for n, _ in holder.named_children() if n.startswith("motion_")) == 1
+    image_bytes = runtime.unique_bytes(image.model.unet)
+    motion_bytes = sum(p.numel() * p.element_size() for n, p in video.model.unet.named_parameters()
+                       if "motion_modules" in n)
+    assert image.unet.model_size() == runtime.unique_bytes(holder) <= image_bytes + motion_bytes + 2 ** 20
+    holder.to(torch.float64)                                     # what a device move does to every parameter
+    assert video.model.unet.conv_in.weight.dtype == torch.float64 == image.model.unet.conv_in.weight.dtype
+    assert video.model.unet.down_blocks[0].motion_modules[0].proj_in.weight.dtype == torch.float64
