@@ -60,8 +60,8 @@ def activation_bytes(rows: int, latent_hw, dtype: torch.dtype = torch.float16) -
 def load(*patchers, rows: int = 0, latent_hw=(0, 0)) -> torch.device:
     """Load exactly these patchers onto the compute device; ComfyUI evicts other models to leave room for the
     activations of UNet calls on ``rows`` latents of ``latent_hw`` (``activation_bytes``), as its own samplers do."""
-    mm.load_models_gpu([p for p in patchers if p is not None], memory_required=activation_bytes(rows, latent_hw),
-                       force_full_load=True)
+    unique = list({id(p): p for p in patchers if p is not None}.values())   # AnimateDiff shares the image's patcher
+    mm.load_models_gpu(unique, memory_required=activation_bytes(rows, latent_hw), force_full_load=True)
     return mm.get_torch_device()
 
 

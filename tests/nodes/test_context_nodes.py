@@ -137,6 +137,15 @@ def test_animatediff_shares_the_image_models_patcher_and_weights(N):
     motion_bytes = sum(p.numel() * p.element_size() for n, p in video.model.unet.named_parameters()
                        if "motion_modules" in n)
     assert image.unet.model_size() == runtime.unique_bytes(holder) <= image_bytes + motion_bytes + 2 ** 20
+    import comfy.model_management as mm
+    seen = []
+    real = mm.load_models_gpu
+    mm.load_models_gpu = lambda models, **kw: (seen.append(list(models)), real(models, **kw))[1]
+    try:
+        runtime.load(image.unet, video.unet)                     # one patcher: listed once for ComfyUI
+    finally:
+        mm.load_models_gpu = real
+    assert seen == [[image.unet]]
     holder.to(torch.float64)                                     # what a device move does to every parameter
     assert video.model.unet.conv_in.weight.dtype == torch.float64 == image.model.unet.conv_in.weight.dtype
     assert video.model.unet.down_blocks[0].motion_modules[0].proj_in.weight.dtype == torch.float64
