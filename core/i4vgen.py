@@ -296,12 +296,6 @@ def ni_vsds(video_denoiser, z: torch.Tensor, noise: torch.Tensor, timesteps: Seq
 
 
 # ------------------------------------------------------------------ stage 3: regeneration
-def regeneration_grid(schedule: NoiseSchedule, steps: int, p_re: float, spacing: str = "leading") -> list:
-    """The regeneration grid: the last ``min(floor(N p_re), N)`` timesteps of the N-step grid (official
-    ``get_timesteps(num_inference_steps, strength=p_re)``); p_re = 1 -> the whole grid from 961 (960 official)."""
-    return schedule.timesteps(steps, spacing, strength=p_re)
-
-
 def regenerate(video_denoiser, z: torch.Tensor, noise: torch.Tensor, timesteps: Sequence[int], guidance: Guidance, *,
                callbacks: Callbacks = NO_CALLBACKS) -> torch.Tensor:
     """Stage 3 (METHODS.md §3.4): ``x = q(z, tau_start, noise)``, then DDIM with the video model to the end.
@@ -322,18 +316,22 @@ class I4VGenResult:
     index: int
 
 
-def stage_grids(image_denoiser, video_denoiser, params: I4VGenParams) -> dict:
-    """The denoisers and grids of the three stages for ``params``: {"image": denoiser, "video": denoiser,
-    "cand": grid, "nivsds": grid, "regen": grid}. The parity options swap in the official schedules."""
-    image, video = image_denoiser, video_denoiser
-    if params.official_candidate_schedule:
-        image = with_schedule(image_denoiser, official_schedule())
-    if params.official_scheduler_config:
-        video = with_schedule(video_denoiser, official_schedule(video_denoiser.schedule))
-    full = video.schedule.timesteps(params.steps, "leading")
-    return {"image": image, "video": video, "cand": image.schedule.timesteps(params.steps, "leading"),
-            "nivsds": full[:nivsds_iterations(params.steps, params.p_ni)],
-            "regen": regeneration_grid(video.schedule, params.steps, params.p_re)}
+def candidate_stage(image_denoiser, params: I4VGenParams) -> tuple:
+    """``(denoiser, grid)`` of stage 1: the image model on its own schedule, or, with
+    ``official_candidate_schedule``, on the official AnimateDiff DDIM config (grid 960, ..., 0)."""
+    den = with_schedule(image_denoiser, official_schedule()) if params.official_candidate_schedule else image_denoiser
+    return den, den.schedule.timesteps(params.steps, "leading")
+
+
+def video_stages(video_denoiser, params: I4VGenParams) -> tuple:
+    """``(denoiser, NI-VSDS grid, regeneration grid)`` of stages 2-3: the first ``nivsds_iterations`` timesteps of
+    the N-step grid, and its last ``min(floor(N p_re), N)`` (official ``get_timesteps(N, strength=p_re)``; p_re = 1
+    starts at 961, 960 official). ``official_scheduler_config`` swaps in the official DDIM config."""
+    den = with_schedule(video_denoiser, official_schedule(video_denoiser.schedule)) \
+        if params.official_scheduler_config else video_denoiser
+    grid = den.schedule.timesteps(params.steps, "leading")
+    return den, grid[:nivsds_iterations(params.steps, params.p_ni)], \
+        den.schedule.timesteps(params.steps, "leading", strength=params.p_re)
 
 
 def unet_calls(params: I4VGenParams, with_candidates: bool = True) -> dict:
@@ -360,12 +358,13 @@ def i4vgen(image_denoiser, video_denoiser, shape: Sequence[int], image_guidance:
     """
     params.checked()
     b, c, frames, h, w = shape
-    stages = stage_grids(image_denoiser, video_denoiser, params)
+    video, grid_ni, grid_re = video_stages(video_denoiser, params)
     device = device or "cpu"
     candidates, scores = None, None
     if anchor is None:
+        image, grid = candidate_stage(image_denoiser, params)
         noise = candidate_noise(seed, params.num_candidates, (h, w)).to(device)
-        candidates = generate_candidates(stages["image"], noise, stages["cand"], image_guidance, callbacks=callbacks)
+        candidates = generate_candidates(image, noise, grid, image_guidance, callbacks=callbacks)
         if on_stage:
             on_stage("candidates", candidates)
         scores = score(candidates) if score is not None and params.candidate_index < 0 else None
@@ -383,10 +382,10 @@ def i4vgen(image_denoiser, video_denoiser, shape: Sequence[int], image_guidance:
     if on_stage:
         on_stage("anchor", anchor)
     z = static_video(anchor, frames)
-    z = ni_vsds(stages["video"], z, video_noise(stages["video"], stream_noise(z.shape, seed, "nivsds"), seed).to(device),
-                stages["nivsds"], nivsds_guidance or video_guidance, params.step_sizes, callbacks=callbacks)
+    z = ni_vsds(video, z, video_noise(video, stream_noise(z.shape, seed, "nivsds"), seed).to(device), grid_ni,
+                nivsds_guidance or video_guidance, params.step_sizes, callbacks=callbacks)
     if on_stage:
         on_stage("ni_vsds", z)
-    video = regenerate(stages["video"], z, video_noise(stages["video"], stream_noise(z.shape, seed, "regen"), seed).to(device),
-                       stages["regen"], video_guidance, callbacks=callbacks)
-    return I4VGenResult(video, anchor, z, candidates, scores, index)
+    out = regenerate(video, z, video_noise(video, stream_noise(z.shape, seed, "regen"), seed).to(device), grid_re,
+                     video_guidance, callbacks=callbacks)
+    return I4VGenResult(out, anchor, z, candidates, scores, index)

@@ -110,18 +110,6 @@ def _check_latent_space(node: str, image_model, video_model) -> None:
                          f"{vae_scale(m.vae)}); both must use the SD VAE latent space")
 
 
-def _image_denoiser(image_model, frame_batch_size, official: bool):
-    m = image_model.model
-    den = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None)
-    return i4vgen.with_schedule(den, i4vgen.official_schedule()) if official else den
-
-
-def _video_denoiser(video_model, official: bool):
-    vm = video_model.model
-    den = runtime.video_denoiser(video_model)
-    return i4vgen.with_schedule(den, i4vgen.official_schedule(vm.schedule)) if official else den
-
-
 def _decode(image_model, z, callbacks) -> torch.Tensor:
     runtime.load(image_model.vae)
     return runtime.video_to_image(decode_video(image_model.model.vae, z, callbacks=callbacks))
@@ -170,16 +158,18 @@ class VBAnchorCandidates(io.ComfyNode):
         _check_base(node, image_model)
         try:
             check_size("width/height", height, width)
-            i4vgen.I4VGenParams(steps=steps, cfg=cfg, num_candidates=num_candidates).checked()
+            params = i4vgen.I4VGenParams(steps=steps, cfg=cfg, num_candidates=num_candidates,
+                                         official_candidate_schedule=official_candidate_schedule).checked()
         except ValueError as e:
             raise _named(node, e) from None
         hw = (height // 8, width // 8)
         progress = runtime.Progress(steps + -(-num_candidates // 8))
         text, null = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
         device = runtime.load(image_model.unet, rows=2 * num_candidates, latent_hw=hw)
-        den = _image_denoiser(image_model, runtime.frame_chunk(frame_batch_size, num_candidates, 2, hw),
-                              official_candidate_schedule)
-        grid = den.schedule.timesteps(steps, "leading")
+        m = image_model.model
+        den, grid = i4vgen.candidate_stage(
+            UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=runtime.frame_chunk(frame_batch_size, num_candidates,
+                                                                                    2, hw)), params)
         noise = i4vgen.candidate_noise(seed, num_candidates, (height // 8, width // 8)).to(device)
         z = i4vgen.generate_candidates(den, noise, grid, cfg_guidance(Branch(text), Branch(null), cfg),
                                        callbacks=progress.callbacks)
@@ -276,16 +266,15 @@ class VBNIVSDS(io.ComfyNode):
                 official_scheduler_config) -> io.NodeOutput:
         node = "VBNIVSDS"
         try:
-            params = i4vgen.I4VGenParams(steps=steps, cfg=cfg, p_ni=p_ni, step_sizes=i4vgen.parse_step_sizes(step_sizes)
-                                         ).checked()
+            params = i4vgen.I4VGenParams(steps=steps, cfg=cfg, p_ni=p_ni, step_sizes=i4vgen.parse_step_sizes(step_sizes),
+                                         official_scheduler_config=official_scheduler_config).checked()
         except ValueError as e:
             raise _named(node, e) from None
         if runtime.is_noisy(latent):
             raise ValueError(f"{node}: latent: NI-VSDS takes a clean latent; this one is an inversion at timestep "
                              f"{latent['vb_timestep']}")
         scale = latent_scale(video_model)
-        den = _video_denoiser(video_model, official_scheduler_config)
-        grid = den.schedule.timesteps(steps, "leading")[:i4vgen.nivsds_iterations(steps, params.p_ni)]
+        den, grid, _ = i4vgen.video_stages(runtime.video_denoiser(video_model), params)
         z = runtime.from_latent(latent, "latent", scale, "cpu")
         progress = runtime.Progress(len(grid))
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)

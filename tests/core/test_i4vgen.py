@@ -128,7 +128,7 @@ def test_regeneration_starts_at_q_of_the_nivsds_video():
     n = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
     for p_re, start in [(1.0, 961), (0.8, 761)]:
         den.log.clear()
-        grid = i4vgen.regeneration_grid(AD, 25, p_re)
+        _, _, grid = i4vgen.video_stages(den, i4vgen.I4VGenParams(p_re=p_re))
         assert grid[0] == start and len(grid) == int(25 * p_re)
         i4vgen.regenerate(den, z, n, grid, cfg(mu(0.3), mu(0.0), 7.5))
         assert den.log[0][0] == start and len(den.log) == len(grid)
@@ -218,11 +218,12 @@ def test_parity_with_the_official_pipeline_stage_by_stage():
         torch.testing.assert_close(res.video, ref_video, rtol=1e-5, atol=1e-5)
         assert res.index == index and set(seen) == {"candidates", "anchor", "ni_vsds"}
         # from the official stage inputs
-        st = i4vgen.stage_grids(UNet2DDenoiser(unet, SD), VideoDenoiser(video, AD), params)
-        assert st["cand"] == [830, 664, 498, 332, 166, 0] and st["nivsds"] == [830, 664, 498, 332]
-        z = i4vgen.ni_vsds(st["video"], ref_cand[index][None, :, None].expand(1, 4, F, h, w), eps_c, st["nivsds"], g)
+        _, grid_c = i4vgen.candidate_stage(UNet2DDenoiser(unet, SD), params)
+        video_o, grid_ni, grid_re = i4vgen.video_stages(VideoDenoiser(video, AD), params)
+        assert grid_c == [830, 664, 498, 332, 166, 0] and grid_ni == [830, 664, 498, 332]
+        z = i4vgen.ni_vsds(video_o, ref_cand[index][None, :, None].expand(1, 4, F, h, w), eps_c, grid_ni, g)
         torch.testing.assert_close(z, ref_ni, rtol=1e-5, atol=1e-5)
-        out = i4vgen.regenerate(st["video"], ref_ni, eps_r, st["regen"], g)
+        out = i4vgen.regenerate(video_o, ref_ni, eps_r, grid_re, g)
         torch.testing.assert_close(out, ref_video, rtol=1e-5, atol=1e-5)
     # without the parity options the candidates differ (SD schedule, grid 961..1, no clipping)
     with torch.no_grad():
