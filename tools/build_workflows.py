@@ -552,7 +552,7 @@ def build(spec, object_info) -> dict:
                        "font_size": 24, "flags": {}})
     return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
             "groups": groups, "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"title": title, "id": stem}},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"title": title}},
             "version": 0.4}
 
 

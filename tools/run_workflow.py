@@ -3,9 +3,9 @@
 
     python3 tools/run_workflow.py [WORKFLOW] [--input VIDEO] [--image PICTURE] [--output DIR]
 
-WORKFLOW is a path, a file name in ``workflows/``, a shipped workflow's id (``bivdiff_ip2p_animatediff``; printed
-when the name is unknown) or a word matching one file name (``inpaint``); default: the BIVDiff ControlNet + ZeroScope
-workflow.
+WORKFLOW is a path, a file name in ``workflows/`` with or without ``.json`` (``bivdiff_ip2p_animatediff``; the list
+is printed when the name is unknown) or a word matching one file name (``inpaint``); default: the BIVDiff ControlNet
++ ZeroScope workflow.
 Without ``--input`` the input is a short real clip (a running fox, an animated preview shipped in the PyPI package
 ``comfyui-workflow-templates-media-video``, which ComfyUI itself installs), decoded to mp4 at run time.
 
@@ -31,7 +31,7 @@ from typing import Optional
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TOOLS)
 WORKFLOWS = os.path.join(REPO_ROOT, "workflows")
-DEFAULT_WORKFLOW = "bivdiff_controlnet_zeroscope"              # a workflow id (extra.info.id)
+DEFAULT_WORKFLOW = "bivdiff_controlnet_zeroscope"
 IN_ENV = "VIDEOBRIDGE_RUN_IN_ENV"
 STANDIN_REGISTRY = ".videobridge-standins.json"  # in a models dir: which files there are stand-ins
 
@@ -51,7 +51,7 @@ def parse_args(argv=None):
         prog="python3 tools/run_workflow.py",
         description="Run a ComfyUI-VideoBridge workflow in a real ComfyUI and print the output video path(s).")
     ap.add_argument("workflow", nargs="?", default=None,
-                    help=f"workflow id, file name, word of a file name, or path (default: {DEFAULT_WORKFLOW})")
+                    help=f"workflow file name, word of a file name, or path (default: {DEFAULT_WORKFLOW})")
     ap.add_argument("--input", metavar="VIDEO", help="your own input video (default: a short real clip)")
     ap.add_argument("--image", metavar="PICTURE",
                     help="your own picture for workflows with a LoadImage node (image-to-video; default: the middle "
@@ -99,17 +99,8 @@ def workflow_files() -> list:
         if os.path.isdir(WORKFLOWS) else []
 
 
-def workflow_id(path: str) -> str:
-    """The short id of a shipped workflow (``extra.info.id``, e.g. ``bivdiff_ip2p_animatediff``), else its stem."""
-    try:
-        with open(path, "r", encoding="utf-8") as fh:
-            return json.load(fh).get("extra", {}).get("info", {}).get("id") or os.path.basename(path)[:-5]
-    except (OSError, ValueError):
-        return os.path.basename(path)[:-5]
-
-
 def resolve_workflow(name: str | None) -> tuple:
-    """(path, UI workflow dict) of a workflow: a path, a file name in ``workflows/``, a shipped workflow's id
+    """(path, UI workflow dict) of a workflow: a path, a file name in ``workflows/`` with or without ``.json``
     (``bivdiff_ip2p_animatediff``) or a word that matches exactly one file name (``"inpaint"``); None is the
     default workflow."""
     name = name or DEFAULT_WORKFLOW
@@ -117,14 +108,12 @@ def resolve_workflow(name: str | None) -> tuple:
     path = next((p for p in candidates if os.path.isfile(p)), None)
     files = workflow_files()
     if path is None:
-        path = next((p for p in files if workflow_id(p) == name), None)
-    if path is None:
         hits = [p for p in files if name.lower() in os.path.basename(p).lower()]
         path = hits[0] if len(hits) == 1 else None
     if path is None:
-        listing = "\n  ".join(f"{workflow_id(p)}: {os.path.basename(p)}" for p in files) or "none"
+        listing = "\n  ".join(os.path.basename(p)[:-5] for p in files) or "none"
         raise SystemExit(f"error: workflow {name!r} not found or not unique (looked in {WORKFLOWS}); "
-                         f"available (id: file):\n  {listing}")
+                         f"available:\n  {listing}")
     with open(path, "r", encoding="utf-8") as fh:
         ui = json.load(fh)
     if "nodes" not in ui:
