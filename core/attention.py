@@ -166,6 +166,7 @@ class FeatureBank:
         self.num_frames, self.latent_hw, self.schedule = int(num_frames), tuple(latent_hw), schedule
         self.dtype, self.device = dtype, torch.device(device)
         self.entries: dict = {}
+        self._held: set = set()                    # (layer, t) captured for any window: the hot-path lookup
 
     @property
     def layers(self) -> tuple:
@@ -184,7 +185,7 @@ class FeatureBank:
 
     def holds(self, layer: str, t: Timestep) -> bool:
         """Whether ``layer`` was captured at ``t`` (for any window)."""
-        return any(key[0] == layer and key[1] == t for key in self.entries)
+        return (layer, t) in self._held
 
     @property
     def nbytes(self) -> int:
@@ -199,6 +200,7 @@ class FeatureBank:
         key = (layer, t) if window is None else (layer, t, tuple(window))
         n = self.num_frames if window is None else len(window)
         if key not in self.entries:
+            self._held.add((layer, t))
             self.entries[key] = tuple(torch.zeros((n, *x.shape[1:]), dtype=self.dtype, device=self.device)
                                       for x in (q, k, v))
         for dst, src in zip(self.entries[key], (q, k, v)):
