@@ -85,10 +85,13 @@ def attention_layers(unet: torch.nn.Module) -> list:
 
 
 def resolve_layers(unet: torch.nn.Module, layers: Union[str, Iterable[str]]) -> tuple:
-    """The layer names to control: a preset name (``shallow``, ``deep``), or an explicit list of names (a comma- or
+    """The layer names to control: a preset name (``shallow``, ``deep``), ``spatial`` (every self- and
+    cross-attention layer that is not temporal: Prompt2Prompt), or an explicit list of names (a comma- or
     newline-separated string is split). Raises ValueError naming the layers that ``unet`` does not have or that
     are temporal (motion modules are never controlled), and for an empty selection.
     """
+    if isinstance(layers, str) and layers.strip() == "spatial":
+        return tuple(n for n in attention_layers(unet) if layer_kind(n) != "temporal")
     if isinstance(layers, str):
         if layers.strip() in SFI_PRESETS:
             layers = SFI_PRESETS[layers.strip()][0]
@@ -313,6 +316,17 @@ class AttentionController:
             return None
         return self.mode
 
+    def attend(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention output ``[B, heads, Lq, d]`` of layer ``name`` for the current call: captures Q/K/V, injects
+        the bank's (Eq. 11) or computes plain SDPA, as ``action`` says."""
+        act = self.action(name)
+        if act == "capture":
+            self.capture(name, q, k, v)
+        if act == "inject":
+            return self.inject(name, q, attention_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+
     def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``[(K*nf), heads, L, d]`` -> ``[K, nf, heads, L, d]``, checking the batch layout against the context."""
         ctx = self.context
@@ -341,7 +355,8 @@ class AttentionController:
 
 class ControlledAttnProcessor:
     """Attention processor of one controlled UNet layer: diffusers' SDPA processor maths (3-D input, no group or
-    spatial norm), with capture of the head-split Q/K/V or Eq. 11 injection when the controller says so."""
+    spatial norm) around ``controller.attend(name, q, k, v, mask)``, which computes the attention itself from the
+    head-split ``[B, heads, L, d]`` tensors (plain SDPA, SFI capture/injection, or Prompt2Prompt edits)."""
 
     def __init__(self, name: str, controller: AttentionController):
         self.name, self.controller = name, controller
@@ -358,13 +373,7 @@ class ControlledAttnProcessor:
         q, k, v = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
         d = k.shape[-1] // attn.heads
         q, k, v = (t.view(B, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))          # [B, heads, L, d]
-        act = self.controller.action(self.name)
-        if act == "capture":
-            self.controller.capture(self.name, q, k, v)
-        if act == "inject":
-            out = self.controller.inject(self.name, q, attention_mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = self.controller.attend(self.name, q, k, v, attention_mask)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(B, -1, attn.heads * d).to(q.dtype)))
         if attn.residual_connection:
             out = out + hidden_states

@@ -180,31 +180,37 @@ class UNet2DDenoiser(_Controllable):
     same batch and its residuals (times ``control_scale``) go into the UNet. ``inflated_groupnorm`` reproduces the
     official BIVDiff inversion UNet (METHODS.md §7.1 B11): the resnet GroupNorms and the final ``conv_norm_out``
     compute statistics over all frames of the clip instead of per frame (then frames are never chunked).
+    ``frame_group``: chunks hold whole groups of this many consecutive frames (Prompt2Prompt interleaves the source
+    and edit copy of each frame, 2, and edits one from the other inside a call).
     """
     kind = "image"
 
     def __init__(self, unet, schedule: NoiseSchedule, controlnet=None, control_scale: float = 1.0,
-                 frame_batch_size: Optional[int] = None, inflated_groupnorm: bool = False):
+                 frame_batch_size: Optional[int] = None, inflated_groupnorm: bool = False, frame_group: int = 1):
         self.unet, self.schedule, self.controlnet = unet, schedule, controlnet
         self.control_scale = float(control_scale)
         self.frame_batch_size = frame_batch_size
         self.inflated_groupnorm = inflated_groupnorm
+        self.frame_group = int(frame_group)
         self.calls = 0                      # UNet forward calls (benchmarks count them)
 
     def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance, step: Optional[int] = None) -> torch.Tensor:
         """On a GPU out-of-memory error the frame chunk is halved and the chunk retried (frames are independent, so
         the result does not change); the smaller chunk is kept for the following calls."""
-        n_frames = x.shape[2]
+        n_frames, group = x.shape[2], self.frame_group
+        if n_frames % group:
+            raise ValueError(f"this image denoiser takes frames in groups of {group}, got {n_frames} frames")
         chunk = n_frames if (self.inflated_groupnorm or not self.frame_batch_size) else int(self.frame_batch_size)
+        chunk = max(group, chunk // group * group)
         out, start = [], 0
         while start < n_frames:
             try:
                 out.append(self._eval(x[:, :, start:start + chunk], t, guidance, start, step, n_frames))
             except OOM_ERRORS:
-                if chunk == 1 or self.inflated_groupnorm:
+                if chunk == group or self.inflated_groupnorm:
                     raise
                 _free_cache()
-                chunk = max(1, min(chunk, n_frames - start) // 2)
+                chunk = max(group, min(chunk, n_frames - start) // 2 // group * group)
                 self.frame_batch_size = chunk
                 log.warning("image model ran out of memory: continuing with %d frames per call (same result)", chunk)
                 continue

@@ -7,7 +7,7 @@ Every function takes a denoiser (``core.denoisers``; its ``.schedule`` defines a
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
 
 def ddim_sample(denoiser, x: torch.Tensor, timesteps: Sequence[int], guidance: Guidance, *, eta: float = 0.0,
                 generator: Optional[torch.Generator] = None, end: Timestep = None,
+                after_step: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
                 callbacks: Callbacks = NO_CALLBACKS) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021, Eq. 12) from ``x`` at level ``timesteps[0]`` to level ``end``.
 
@@ -43,6 +44,7 @@ def ddim_sample(denoiser, x: torch.Tensor, timesteps: Sequence[int], guidance: G
         eta: DDIM stochasticity; eta > 0 draws noise from ``generator`` on the CPU (float32), then moves it.
         end: the level after the last step: None is the schedule's end level (a clean latent); a timestep below
             ``timesteps[-1]`` stops there (EVS stops the T2I loop at t_T2V).
+        after_step: ``after_step(i, x) -> x`` applied to the latent after step i (Prompt2Prompt's LocalBlend).
     Returns: the latent at ``end``, ``[1, 4, F, h, w]`` float32. One denoiser call per step.
     """
     grid = _check_grid(timesteps)
@@ -59,6 +61,8 @@ def ddim_sample(denoiser, x: torch.Tensor, timesteps: Sequence[int], guidance: G
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
         x0 = sched.predict_x0(x, eps, t)
         x = sched.ddim_step(x, eps, t, t_next, eta=eta if t_next is not None else 0.0, noise=noise)
+        if after_step is not None:
+            x = after_step(i, x)
         callbacks.step(x0)
     return x
 

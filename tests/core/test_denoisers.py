@@ -183,6 +183,13 @@ def test_out_of_memory_halves_image_chunks_with_the_same_result(caplog):
     assert max(tight.ok) <= 6 and den.frame_batch_size == 2 and "ran out of memory" in caplog.text
     with torch.no_grad(), pytest.raises(torch.cuda.OutOfMemoryError):
         UNet2DDenoiser(OOMAbove(unet, 1), SD)(x, 501, g)                   # 2 branches x 1 frame still too many
+    paired = OOMAbove(unet, 10)                                            # Prompt2Prompt: frames go in pairs
+    with torch.no_grad():
+        den = UNet2DDenoiser(paired, SD, frame_batch_size=7, frame_group=2)
+        torch.testing.assert_close(den(x, 501, g), ref, rtol=1e-4, atol=2e-5)
+    assert paired.ok == [4] * 4 and den.frame_batch_size == 2              # 7 -> 6 frames (12 rows), halved: 3 -> 2
+    with torch.no_grad(), pytest.raises(torch.cuda.OutOfMemoryError):
+        UNet2DDenoiser(OOMAbove(unet, 3), SD, frame_group=2)(x, 501, g)    # one pair is the smallest chunk
 
 
 def test_out_of_memory_on_a_video_model_runs_branches_in_turn_then_windows(caplog):
