@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from .attention import CallContext, layer_kind
 from .callbacks import NO_CALLBACKS, Callbacks
-from .denoisers import Branch, cfg
-from .samplers import ddim_sample
+from .denoisers import Branch, cfg, single
+from .samplers import ddim_invert, ddim_sample
 
 MAX_TOKENS = 77
 MODES = ("replace", "refine")
@@ -411,3 +411,15 @@ def prompt2prompt(image_denoiser, x_t: torch.Tensor, timesteps: Sequence[int], e
     finally:
         image_denoiser.frame_group = group
     return x[:, :, 0::2], x[:, :, 1::2]
+
+
+def invert_and_edit(image_denoiser, z0: torch.Tensor, timesteps: Sequence[int], edit: Prompt2PromptEdit,
+                    source_text: torch.Tensor, edit_text: torch.Tensor, null_text: torch.Tensor,
+                    inversion_text: torch.Tensor, cfg_scale: float = 7.5,
+                    callbacks: Callbacks = NO_CALLBACKS) -> tuple:
+    """BIVDiff's Prompt2Prompt image model on a video (METHODS.md §2.2, steps 2-4): DDIM-invert the source frames'
+    clean latent ``z0`` ``[1, 4, F, h, w]`` frame-wise with ``inversion_text`` (``""`` by default, §7.1 B5) and no
+    guidance, then ``prompt2prompt`` from the result. Returns ``(z_source, z_edit)`` clean latents, float32."""
+    x_t = ddim_invert(image_denoiser, z0, timesteps, single(Branch(inversion_text)), callbacks=callbacks)
+    return prompt2prompt(image_denoiser, x_t, timesteps, edit, source_text, edit_text, null_text, cfg_scale,
+                         callbacks=callbacks)

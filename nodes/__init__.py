@@ -6,7 +6,7 @@ from .scorers import register_reward_folder
 register_animatediff_folder()          # before any node lists models/animatediff_models
 register_reward_folder()
 
-from .bivdiff import VBDDIMInvert, VBFramewiseGenerate, VBMixLatents, VBVideoDenoise  # noqa: E402
+from .bivdiff import VBDDIMInvert, VBFramewiseGenerate, VBMixLatents, VBPrompt2PromptEdit, VBVideoDenoise  # noqa: E402
 from .evs import VBEncapsulatedT2V, VBEVSRefine  # noqa: E402
 from .jvid import VBJVIDSample, VBTemporalLatentSmoothing  # noqa: E402
 from .i4vgen import VBAnchorCandidates, VBI4VGen, VBNIVSDS, VBSelectAnchor, VBStaticVideo  # noqa: E402
@@ -14,7 +14,7 @@ from .frames import VBDecodeFrames, VBEncodeFrames, VBRegionMask  # noqa: E402
 from .loaders import VBContextWindows, VBLoadControlNet, VBLoadImageModel, VBLoadVideoModel  # noqa: E402
 
 NODES = [VBLoadImageModel, VBLoadControlNet, VBLoadVideoModel, VBContextWindows, VBEncodeFrames, VBDecodeFrames,
-         VBRegionMask, VBFramewiseGenerate,
+         VBRegionMask, VBFramewiseGenerate, VBPrompt2PromptEdit,
          VBDDIMInvert, VBMixLatents, VBVideoDenoise, VBEncapsulatedT2V, VBEVSRefine,
          VBJVIDSample, VBTemporalLatentSmoothing,
          VBAnchorCandidates, VBSelectAnchor, VBStaticVideo, VBNIVSDS, VBI4VGen]

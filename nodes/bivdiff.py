@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 from ..core import bivdiff, evs
+from ..core import prompt2prompt as P2P
 from ..core.attention import FeatureBank, check_gamma
 from ..core.context import video_noise
 from ..core.denoisers import Branch, UNet2DDenoiser, on_schedule, single
@@ -146,6 +147,137 @@ def _check_task_inputs(variant, task, controlnet, hints, images, mask):
     if task in ("text", "controlnet") and (images is not None or mask is not None):
         raise ValueError(f"VBFramewiseGenerate: images/mask are only used by inpainting and InstructPix2Pix "
                          f"models; this image_model is a {variant} model")
+
+
+P2P_INVERSION = ["empty prompt", "source prompt"]
+
+
+class VBPrompt2PromptEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VBPrompt2PromptEdit", display_name="Prompt2Prompt Edit (VideoBridge)",
+            category="VideoBridge/BIVDiff",
+            description="BIVDiff's Prompt2Prompt frame-wise editing: change one thing in a video by changing one word of "
+                        "its prompt ('a cat ...' -> 'a dog ...') while the rest keeps its layout. Every source frame "
+                        "is DDIM-inverted by the base SD1.5 model, then denoised twice in one batch, with the source "
+                        "and the edit prompt, the edit copy reusing the source's attention maps. Without images it "
+                        "edits generated frames (both copies from the same seeded noise). Outputs the edited frames "
+                        "and their re-encoded latent for VBDDIMInvert (BIVDiff alpha 0.25).",
+            inputs=[
+                types.ImageModel.Input("image_model", tooltip="Base SD1.5 model (4-channel UNet)."),
+                io.String.Input("source_prompt", multiline=True, default="",
+                                tooltip="Describes the source video, e.g. 'a cat sitting on grass'."),
+                io.String.Input("edit_prompt", multiline=True, default="",
+                                tooltip="The same description with the change, e.g. 'a dog sitting on grass'. "
+                                        "replace: same number of words, the differing words are swapped; refine: "
+                                        "words may be added or removed."),
+                io.Combo.Input("mode", options=list(P2P.MODES), default="replace",
+                               tooltip="replace: swap words (equal word counts); refine: add or change details, "
+                                       "the token sequences are aligned."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Negative prompt; the unconditional branch of guidance."),
+                widgets.seed("Noise seed when no images are connected (generated frames); unused when editing a "
+                             "video, whose noise comes from its inversion."),
+                widgets.steps(),
+                io.Float.Input("cfg", default=bivdiff.DEFAULT_CFG, min=1.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale."),
+                io.Float.Input("n_cross", default=0.4, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the steps (the first, noisiest ones) whose cross-attention maps of "
+                                       "the edit come from the source. Higher keeps more of the layout."),
+                io.Float.Input("n_self", default=0.4, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the steps whose self-attention maps (on the coarse layers, 16x16 at "
+                                       "512x512) come from the source. Higher keeps more of the shapes."),
+                io.String.Input("reweight", default="",
+                                tooltip="Make words of the edit prompt stronger or weaker: 'word:strength' entries, "
+                                        "e.g. 'fluffy:2, red:0.5'. Empty: no reweighting."),
+                io.String.Input("blend_source_words", default="",
+                                tooltip="LocalBlend: words of the source prompt for the object that changes (e.g. "
+                                        "'cat'). With blend_edit_words, only the region those words attend to is "
+                                        "edited; the rest stays the source. Empty: off."),
+                io.String.Input("blend_edit_words", default="",
+                                tooltip="LocalBlend: words of the edit prompt for the new object (e.g. 'dog')."),
+                io.Int.Input("width", default=256, min=8, max=4096, step=8,
+                             tooltip="Width of generated frames (without images)."),
+                io.Int.Input("height", default=256, min=8, max=4096, step=8,
+                             tooltip="Height of generated frames (without images)."),
+                io.Int.Input("frames", default=8, min=1, max=4096,
+                             tooltip="Number of generated frames (without images)."),
+                widgets.frame_batch(),
+                io.Image.Input("images", optional=True, tooltip="Source frames to edit (the input video)."),
+                widgets.advanced(io.Float.Input("blend_threshold", default=P2P.DEFAULT_THRESHOLD, min=0.01, max=0.99,
+                                                step=0.01, optional=True, tooltip="LocalBlend mask threshold on the normalised word "
+                                                                   "attention (0.3 in Prompt2Prompt).")),
+                widgets.advanced(io.Combo.Input("inversion_prompt", options=P2P_INVERSION,
+                                                default=P2P_INVERSION[0], optional=True,
+                                                tooltip="Prompt of the frames' DDIM inversion: empty as in the "
+                                                        "official BIVDiff code, or the source prompt (what its "
+                                                        "comment intended).")),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="The edited frames."),
+                     io.Latent.Output(display_name="latent",
+                                      tooltip="The edited frames re-encoded by the VAE (BIVDiff's Z0), for "
+                                              "VBDDIMInvert."),
+                     io.Image.Output(display_name="source_images",
+                                     tooltip="The source copy: the inverted frames denoised with the source prompt. "
+                                             "Far from the input means the inversion lost the video.")])
+
+    @classmethod
+    def execute(cls, image_model, source_prompt, edit_prompt, mode, negative_prompt, seed, steps, cfg, n_cross,
+                n_self, reweight, blend_source_words, blend_edit_words, width, height, frames, frame_batch_size,
+                images=None, blend_threshold=P2P.DEFAULT_THRESHOLD,
+                inversion_prompt=P2P_INVERSION[0]) -> io.NodeOutput:
+        node = "VBPrompt2PromptEdit"
+        m = image_model.model
+        if m.variant != "base":
+            raise ValueError(f"{node}: image_model: Prompt2Prompt runs on a base SD1.5 model (4-channel UNet); this is "
+                             f"an {m.variant} model")
+        for name, text in (("source_prompt", source_prompt), ("edit_prompt", edit_prompt)):
+            if not text.strip():
+                raise ValueError(f"{node}: {name} is empty; Prompt2Prompt edits a prompt into another")
+        src_words, dst_words = P2P.parse_words(blend_source_words), P2P.parse_words(blend_edit_words)
+        if bool(src_words) != bool(dst_words):
+            raise ValueError(f"{node}: blend_{'edit' if src_words else 'source'}_words is empty; LocalBlend needs "
+                             "words of both prompts (or neither)")
+        try:
+            edit = P2P.make_edit(m.tokenizer, source_prompt, edit_prompt, mode, steps, n_cross, n_self,
+                                 P2P.parse_reweight(reweight), (src_words, dst_words) if src_words else None,
+                                 blend_threshold)
+        except ValueError as e:
+            raise ValueError(f"{node}: {e}") from None
+        if images is not None:
+            n, H, W = images.shape[0], images.shape[1], images.shape[2]
+        else:
+            n, H, W = frames, height, width
+        check_size("images" if images is not None else "width/height", H, W)
+        hw, vae = (H // 8, W // 8), m.vae
+        chunks = -(-n // 8)
+        progress = runtime.Progress(steps * (2 if images is not None else 1) + 3 * chunks)
+        cb = progress.callbacks
+        texts = runtime.encode(image_model, [source_prompt, edit_prompt, negative_prompt,
+                                             source_prompt if inversion_prompt == P2P_INVERSION[1] else ""])
+        src_t, dst_t, null_t, inv_t = texts.split(1)
+        K = 1 + (cfg > 1)
+        if images is not None:
+            runtime.load(image_model.vae)
+            z0 = encode_video(vae, runtime.image_to_video(images, "images", runtime.mm.get_torch_device()),
+                              callbacks=cb)
+        device = runtime.load(image_model.unet, rows=2 * K * n, latent_hw=hw)
+        denoiser = UNet2DDenoiser(m.unet, m.schedule,
+                                  frame_batch_size=runtime.frame_chunk(frame_batch_size, 2 * n, K, hw))
+        grid = m.schedule.timesteps(steps)
+        if images is not None:
+            z_src, z_edit = P2P.invert_and_edit(denoiser, z0.to(device), grid, edit, src_t, dst_t, null_t, inv_t,
+                                                cfg, callbacks=cb)
+        else:
+            noise = initial_noise((1, 4, n, *hw), seed).to(device)
+            z_src, z_edit = P2P.prompt2prompt(denoiser, noise, grid, edit, src_t, dst_t, null_t, cfg, callbacks=cb)
+        runtime.load(image_model.vae)
+        edited = decode_video(vae, z_edit, callbacks=cb)
+        source = decode_video(vae, z_src, callbacks=cb)
+        z0_edit = encode_video(vae, edited, callbacks=cb)                 # Z0 = E(D(z)), METHODS.md §2.2
+        return io.NodeOutput(runtime.video_to_image(edited), runtime.to_latent(z0_edit, vae_scale(vae)),
+                             runtime.video_to_image(source))
 
 
 class VBDDIMInvert(io.ComfyNode):
