@@ -123,6 +123,33 @@ def controlnet_zeroscope():
 LONG_FRAMES = 48
 
 
+FOX_SOURCE, WOLF = "a fox running through fresh snow, photograph", "a wolf running through fresh snow, photograph"
+
+
+def prompt2prompt_zeroscope():
+    stem = "bivdiff_prompt2prompt_zeroscope"
+    return stem, "BIVDiff video editing: Prompt2Prompt frame-wise word swap, ZeroScope temporal smoothing", [
+        bivdiff_note("video editing by changing a word of the prompt. Every frame is inverted by SD1.5 and re-drawn "
+                     "twice, with the source prompt and with the edit prompt; the edit reuses the source's attention, "
+                     "so only what the swapped word names changes (LocalBlend keeps everything outside it). "
+                     "ZeroScope then smooths the edited frames into one consistent video.",
+                     [f"checkpoints/{BASE}: any SD1.5 checkpoint (Prompt2Prompt, inversion, VAE).",
+                      f"{ZEROSCOPE}/: the ZeroScope v2 576w diffusers folder (cerspense)."],
+                     "the source prompt describes the input clip; the edit prompt is the same sentence with the "
+                     "word swapped (mode replace; refine allows added words); the smoothing prompt is the edit "
+                     "prompt. LocalBlend words: the old and the new object ('fox', 'wolf').", 0.25),
+        *VIDEO_IN,
+        (5, "VBLoadImageModel", {"model_name": BASE}, {}, None),
+        (6, "VBLoadVideoModel", {"model_name": ZEROSCOPE}, {}, None),
+        (7, "VBPrompt2PromptEdit", {"source_prompt": FOX_SOURCE, "edit_prompt": WOLF, "mode": "replace", "steps": 50,
+                                    "cfg": 7.5, "n_cross": 0.4, "n_self": 0.4, "blend_source_words": "fox",
+                                    "blend_edit_words": "wolf"},
+         {"image_model": (5, 0), "images": (4, 0)}, "Frame-wise Prompt2Prompt: fox -> wolf"),
+        *inversion_and_smoothing(10, (7, 1), (5, 0), (6, 0), 0.25, WOLF),
+        *video_out(15, (14, 0), stem, (7, 0)),
+    ], bivdiff_stages([7], [5, 6], 10)
+
+
 def long_clip_animatediff():
     stem = "bivdiff_long_clip_animatediff"
     video_in = [n if n[1] != "ImageFromBatch" else
@@ -412,7 +439,7 @@ def workflow_file(stem: str) -> str:
     return os.path.join(ROOT, "workflows", stem)
 
 
-SPECS = [controlnet_zeroscope, ip2p_animatediff, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
+SPECS = [controlnet_zeroscope, ip2p_animatediff, prompt2prompt_zeroscope, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
          long_clip_animatediff,
          evs_refine_lightning, jvid_text_to_video, lambda: jvid_text_to_video(zeroscope=True), i4vgen_text_to_video,
          i4vgen_image_to_video]
