@@ -172,12 +172,29 @@ class _Controllable:
                 self.controller = None
 
 
+def check_adapter(unet, adapter) -> None:
+    """Raise ValueError when a T2I-Adapter's features cannot enter ``unet``: another number of levels or widths
+    (an adapter for another model family), or a down block that diffusers feeds only after its downsampler (a block
+    without attention that downsamples: SD1.5 has attention at every level but the last, where adapters need it)."""
+    blocks = unet.down_blocks
+    widths, want = list(adapter.config.channels), list(unet.config.block_out_channels)
+    if widths != want:
+        raise ValueError(f"the T2I-Adapter's feature widths {widths} do not fit this UNet's levels {want}: it belongs "
+                         "to another model family")
+    late = [i for i, b in enumerate(blocks) if not getattr(b, "has_cross_attention", False) and b.downsamplers]
+    if late:
+        raise ValueError(f"this UNet's down block {late[0]} has no attention layers, so a T2I-Adapter's features "
+                         "would arrive after its downsampler at the wrong size; T2I-Adapters need the SD1.5 layout "
+                         "(attention at every level but the last)")
+
+
 class UNet2DDenoiser(_Controllable):
     """Frame-wise image denoiser over a diffusers ``UNet2DConditionModel`` (SD1.5, inpainting 9 ch, IP2P 8 ch).
 
     Frames and guidance branches are one batch ``[(K*F), C, h, w]`` (chunked over frames by ``frame_batch_size``;
     results do not depend on the chunking). With ``controlnet``, each branch's hint drives the ControlNet on the
-    same batch and its residuals (times ``control_scale``) go into the UNet. ``inflated_groupnorm`` reproduces the
+    same batch and its residuals (times ``control_scale``) go into the UNet; a diffusers ``T2IAdapter`` in its place
+    adds its features inside the UNet's down blocks instead. ``inflated_groupnorm`` reproduces the
     official BIVDiff inversion UNet (METHODS.md §7.1 B11): the resnet GroupNorms and the final ``conv_norm_out``
     compute statistics over all frames of the clip instead of per frame (then frames are never chunked).
     ``frame_group``: chunks hold whole groups of this many consecutive frames (Prompt2Prompt interleaves the source
@@ -192,6 +209,8 @@ class UNet2DDenoiser(_Controllable):
         self.frame_batch_size = frame_batch_size
         self.inflated_groupnorm = inflated_groupnorm
         self.frame_group = int(frame_group)
+        if controlnet is not None and type(controlnet).__name__ == "T2IAdapter":
+            check_adapter(unet, controlnet)
         self.calls = 0                      # UNet forward calls (benchmarks count them)
 
     def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance, step: Optional[int] = None) -> torch.Tensor:
@@ -217,6 +236,21 @@ class UNet2DDenoiser(_Controllable):
             start += out[-1].shape[2]
         return torch.cat(out, dim=2)
 
+    def _adapter_residuals(self, branches, hints: list, dtype) -> dict:
+        """T2I-Adapter features of the chunk's hints, times ``control_scale``, as diffusers'
+        ``down_intrablock_additional_residuals`` (added inside the UNet's down blocks; diffusers
+        ``StableDiffusionAdapterPipeline``). The adapter runs once when every branch has the same hint (CFG), and on
+        the mean of the RGB channels for one-channel adapters (sketch, canny)."""
+        ad = self.controlnet
+        same = all(b.control is branches[0].control for b in branches)
+        hint = torch.cat(hints[:1] if same else hints).to(_module_device(ad), _module_dtype(ad))
+        if ad.config.in_channels == 1:
+            hint = hint.mean(1, keepdim=True)
+        feats = [f.to(dtype) * self.control_scale for f in ad(hint)]
+        if same and len(hints) > 1:
+            feats = [f.repeat(len(hints), 1, 1, 1) for f in feats]
+        return dict(down_intrablock_additional_residuals=feats)
+
     def _eval(self, x: torch.Tensor, t: Timestep, g: Guidance, start: int, step, n_frames: int) -> torch.Tensor:
         unet = self.unet
         dtype, device = _module_dtype(unet), _module_device(unet)
@@ -240,7 +274,9 @@ class UNet2DDenoiser(_Controllable):
         ctx = torch.cat(texts).to(device, dtype)
         ts = _timestep_tensor(t, sample.shape[0], device)
         kwargs = {}
-        if self.controlnet is not None:
+        if self.controlnet is not None and type(self.controlnet).__name__ == "T2IAdapter":
+            kwargs = self._adapter_residuals(g.branches, hints, dtype)
+        elif self.controlnet is not None:
             cn = self.controlnet
             down, mid = cn(sample[:, :4], ts, encoder_hidden_states=ctx.to(_module_dtype(cn)),
                            controlnet_cond=torch.cat(hints).to(device, _module_dtype(cn)),

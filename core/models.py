@@ -210,7 +210,7 @@ def _wrong_kind(name: str, kind: str, expected: str) -> ValueError:
         "sd2_or_sdxl_checkpoint": f"is an SD2.x or SDXL checkpoint; {_SUPPORTED_IMAGE}",
         "motion_module": "is an AnimateDiff motion module; load it with VBLoadVideoModel",
         "controlnet": "is a ControlNet; load it with VBLoadControlNet",
-        "t2i_adapter": "is a T2I-Adapter; load it with VBLoadControlNet",
+        "t2i_adapter": "is a T2I-Adapter; load it with VBLoadControlNet (it serves ControlNets and T2I-Adapters)",
         "unknown": "is not a recognised model file (no SD1.5 UNet, motion module or ControlNet keys)",
     }
     return ValueError(f"'{name}' {hints[kind]} (expected {expected})")
@@ -689,15 +689,59 @@ def controlnet_config_from_weights(raw: dict, heads: int = 8, norm_groups: int =
                 attention_head_dim=heads, norm_num_groups=norm_groups)
 
 
-def load_controlnet(path: str, dtype: torch.dtype = torch.float32, **overrides) -> "ControlNetModel":
+def t2i_adapter_from_weights(raw: dict, name: str) -> dict:
+    """The diffusers ``T2IAdapter`` state dict and config of a T2I-Adapter file (MODELS.md §3.8).
+
+    TencentARC "full adapter" keys (``conv_in.*``, ``body.{i}.block{1,2}.*``, ``body.{i}.in_conv.*``; i runs over
+    levels x res blocks) are renamed to diffusers' ``adapter.conv_in.*``, ``adapter.body.{level}.resnets.{j}.*``,
+    ``adapter.body.{level}.in_conv.*``; diffusers-format files (``adapter.*``) are kept. Returns
+    ``(state_dict, config)``. Raises ValueError naming the file for SDXL adapters (pixel-unshuffle 16: ``conv_in``
+    takes a multiple of 256 channels), light/style adapters and unknown layouts.
+    """
+    sd = {k[len("adapter."):]: v for k, v in raw.items() if k.startswith("adapter.")} or dict(raw)
+    if "conv_in.weight" not in sd or any(".body." in k for k in sd if k.startswith("body.")):
+        raise ValueError(f"'{name}' is a T2I-Adapter of another kind (light/colour or style adapters are not "
+                         "supported); use a full adapter: canny, sketch, depth, openpose, seg, zoedepth, lineart")
+    cin = sd["conv_in.weight"].shape[1]
+    if cin % 256 == 0:
+        raise ValueError(f"'{name}' is an SDXL T2I-Adapter (its input is pixel-unshuffled by 16: {cin} channels); "
+                         "only SD1.5 adapters (by 8) are supported")
+    if cin % 64:
+        raise ValueError(f"'{name}': T2I-Adapter conv_in takes {cin} channels, not a multiple of 64 (8x8 pixel "
+                         "unshuffle); unsupported layout")
+    raw_ids = _ids(sd, "body.")
+    if not any(k.startswith("body.") and ".resnets." in k for k in sd):                  # TencentARC layout
+        levels = 4
+        per = len(raw_ids) // levels
+        if per < 1 or len(raw_ids) % levels:
+            raise ValueError(f"'{name}': {len(raw_ids)} T2I-Adapter blocks do not split into 4 levels")
+        out = {}
+        for k, v in sd.items():
+            if not k.startswith("body."):
+                out[k] = v
+                continue
+            i, rest = k[len("body."):].split(".", 1)
+            level, j = divmod(int(i), per)
+            out[f"body.{level}.{rest}" if rest.startswith("in_conv.") else f"body.{level}.resnets.{j}.{rest}"] = v
+        sd = out
+    levels = _ids(sd, "body.")
+    per = len(_ids(sd, "body.0.resnets."))
+    config = dict(in_channels=cin // 64, channels=[sd[f"body.{i}.resnets.0.block1.weight"].shape[0] for i in levels],
+                  num_res_blocks=per, downscale_factor=8, adapter_type="full_adapter")
+    return {"adapter." + k: v for k, v in sd.items()}, config
+
+
+def load_controlnet(path: str, dtype: torch.dtype = torch.float32, **overrides):
     """Load an SD1.5 ControlNet (v1.0/v1.1 LDM layout with or without ``control_model.``, or a diffusers-format
-    single file) into a diffusers ``ControlNetModel`` in eval mode (MODELS.md §3.7).
+    single file) into a diffusers ``ControlNetModel`` in eval mode (MODELS.md §3.7), or an SD1.5 T2I-Adapter
+    (TencentARC full adapter or diffusers layout) into a diffusers ``T2IAdapter`` (§3.8): ComfyUI keeps both in
+    ``models/controlnet`` (and ``models/t2i_adapter``) and applies both as control.
 
     The config is derived from the weights (diffusers' ``from_single_file`` with an ``original_config`` is broken in
     0.42.1) and the keys converted with ``convert_controlnet_checkpoint``; loading is strict. ``overrides`` go to
-    the config, e.g. ``global_pool_conditions=True`` for shuffle. The hint image is 8x the latent size.
-    Raises ``FileNotFoundError`` and ``ValueError`` naming the file for non-ControlNet files (SD checkpoints,
-    motion modules, T2I-Adapters, SparseCtrl).
+    the ControlNet config, e.g. ``global_pool_conditions=True`` for shuffle. The hint image is 8x the latent size.
+    Raises ``FileNotFoundError`` and ``ValueError`` naming the file for other files (SD checkpoints, motion
+    modules, SparseCtrl, SD2.x/SDXL ControlNets and adapters).
     """
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
@@ -705,8 +749,19 @@ def load_controlnet(path: str, dtype: torch.dtype = torch.float32, **overrides) 
     name = os.path.basename(os.fspath(path))
     raw = read_state_dict(path)
     kind = detect_file_kind(raw)
+    if kind == "t2i_adapter":
+        from diffusers import T2IAdapter
+
+        sd, cfg = t2i_adapter_from_weights(raw, name)
+        model = T2IAdapter(**cfg)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"'{name}': T2I-Adapter weights do not match the derived config: {str(e)[:500]}") \
+                from None
+        return _frozen(model.to(dtype))
     if kind != "controlnet":
-        raise _wrong_kind(name, kind, "an SD1.5 ControlNet")
+        raise _wrong_kind(name, kind, "an SD1.5 ControlNet or T2I-Adapter")
     if any("motion_modules." in k for k in raw):
         raise ValueError(f"'{name}' is a SparseCtrl model; it is not supported as a ControlNet")
     try:

@@ -38,7 +38,7 @@ class VBFramewiseGenerate(io.ComfyNode):
             node_id="VBFramewiseGenerate", display_name="Frame-wise Generate (VideoBridge)",
             category="VideoBridge/BIVDiff",
             description="BIVDiff step 1: every frame generated independently by the image model, batched (DDIM, "
-                        "classifier-free guidance). The task follows the inputs: a ControlNet with hint frames; an "
+                        "classifier-free guidance). The task follows the inputs: a ControlNet or T2I-Adapter with hint frames; an "
                         "InstructPix2Pix model with source frames; an inpainting model with frames and a MASK "
                         "(outpainting = a mask over the borders); or text only. Outputs the frames and their "
                         "re-encoded latent for VBDDIMInvert.",
@@ -60,14 +60,15 @@ class VBFramewiseGenerate(io.ComfyNode):
                              tooltip="Frame count for text-only generation or a single hint image (otherwise the "
                                      "input frames' count)."),
                 io.Float.Input("control_strength", default=1.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="ControlNet conditioning scale (ControlNet only)."),
+                               tooltip="ControlNet conditioning scale, or the T2I-Adapter's feature scale."),
                 io.Float.Input("image_guidance", default=bivdiff.DEFAULT_IMAGE_GUIDANCE, min=0.0, max=10.0,
                                step=0.05, tooltip="Image guidance scale s_I (InstructPix2Pix only)."),
                 widgets.frame_batch(),
-                types.ControlNet.Input("controlnet", optional=True, tooltip="ControlNet applied to every frame."),
+                types.ControlNet.Input("controlnet", optional=True,
+                                       tooltip="ControlNet or T2I-Adapter (VBLoadControlNet) applied to every frame."),
                 io.Image.Input("hints", optional=True,
-                               tooltip="ControlNet hint frames (e.g. Canny edges of the source video), one per frame "
-                                       "or one for all."),
+                               tooltip="Control hint frames (e.g. Canny edges of the source video), one per frame or "
+                                       "one for all."),
                 io.Image.Input("images", optional=True,
                                tooltip="Source frames: the video to edit (InstructPix2Pix) or to inpaint/outpaint."),
                 io.Mask.Input("mask", optional=True,
@@ -115,9 +116,12 @@ class VBFramewiseGenerate(io.ComfyNode):
         K = len(guidance.branches)
         device = runtime.load(image_model.unet, controlnet.patcher if controlnet is not None else None,
                               rows=K * n, latent_hw=(H // 8, W // 8))
-        denoiser = UNet2DDenoiser(m.unet, m.schedule, controlnet=controlnet.model if controlnet else None,
-                                  control_scale=control_strength,
-                                  frame_batch_size=runtime.frame_chunk(frame_batch_size, n, K, (H // 8, W // 8)))
+        try:
+            denoiser = UNet2DDenoiser(m.unet, m.schedule, controlnet=controlnet.model if controlnet else None,
+                                      control_scale=control_strength,
+                                      frame_batch_size=runtime.frame_chunk(frame_batch_size, n, K, (H // 8, W // 8)))
+        except ValueError as e:
+            raise ValueError(f"VBFramewiseGenerate: controlnet: {e}") from None
         noise = initial_noise((1, 4, n, H // 8, W // 8), seed).to(device)
         z = bivdiff.framewise_generate(denoiser, noise, m.schedule.timesteps(steps), guidance,
                                        callbacks=cb)

@@ -63,12 +63,15 @@ class VBLoadControlNet(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="VBLoadControlNet", display_name="Load ControlNet (VideoBridge)", category="VideoBridge/loaders",
-            description="Loads an SD1.5 ControlNet v1.1 (original or diffusers layout) from models/controlnet, for "
-                        "VBFramewiseGenerate.",
+            description="Loads an SD1.5 ControlNet v1.1 (original or diffusers layout) or an SD1.5 T2I-Adapter "
+                        "(TencentARC full adapter: canny, sketch, depth, openpose, ...) from models/controlnet or "
+                        "models/t2i_adapter, for VBFramewiseGenerate. What it is comes from the weights.",
             inputs=[io.Combo.Input("control_net_name", options=paths.files("controlnet"),
-                                   tooltip="ControlNet file in models/controlnet, e.g. control_v11p_sd15_canny."),
+                                   tooltip="ControlNet or T2I-Adapter file in models/controlnet or models/t2i_adapter, "
+                                           "e.g. control_v11p_sd15_canny or t2iadapter_canny_sd15v2."),
                     _dtype_input()],
-            outputs=[types.ControlNet.Output(display_name="controlnet", tooltip="The ControlNet model.")])
+            outputs=[types.ControlNet.Output(display_name="controlnet",
+                                             tooltip="The ControlNet or T2I-Adapter model.")])
 
     @classmethod
     def fingerprint_inputs(cls, control_net_name, dtype):

@@ -38,7 +38,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_LINK_NAME = "ComfyUI-VideoBridge"
 HOST = "127.0.0.1"  # loopback only, always
-MODEL_KEYS = ("checkpoints", "controlnet", "vae", "diffusers", "animatediff_models", "clip_vision", "loras",
+MODEL_KEYS = ("checkpoints", "controlnet", "t2i_adapter", "vae", "diffusers", "animatediff_models", "clip_vision", "loras",
               "embeddings", "upscale_models")
 IMPORT_FAILED = "(IMPORT FAILED)"  # a custom-node import failure; core extras print "IMPORT FAILED:" without "("
 
@@ -190,7 +190,10 @@ class ComfyServer:
             lines.append(f"videobridge_extra_{i}:")
             lines.append(f"    base_path: {json.dumps(root)}")
             for key in MODEL_KEYS:
-                lines.append(f"    {key}: {key}")
+                if key == "controlnet":                 # ComfyUI's controlnet key also reads models/t2i_adapter
+                    lines += ["    controlnet: |", "        controlnet", "        t2i_adapter"]
+                elif key != "t2i_adapter":
+                    lines.append(f"    {key}: {key}")
         with open(path, "w", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
         return path

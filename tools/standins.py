@@ -45,11 +45,13 @@ STANDIN_FILES = {
     "animatediff_v2": "animatediff_models/mm_sd_v15_v2.ckpt",
     "animatediff_lightning": "animatediff_models/animatediff_lightning_8step_comfyui.safetensors",
     "zeroscope": "diffusers/zeroscope_v2_576w",
+    "sd15_full_attention": "checkpoints/dreamshaper_8.safetensors",
+    "t2i_adapter_canny": "t2i_adapter/t2iadapter_canny_sd15v2.pth",
 }
 """Standard stand-in paths relative to a ComfyUI ``models`` dir, by role (the README lists these)."""
 
 _SEEDS = {"sd15": 0, "sd15_inpainting": 1, "sd15_ip2p": 2, "controlnet_canny": 3, "animatediff_v2": 4,
-          "zeroscope": 5, "animatediff_lightning": 6}
+          "zeroscope": 5, "animatediff_lightning": 6, "sd15_full_attention": 7, "t2i_adapter_canny": 8}
 _VARIANT_IN = {"base": 4, "inpainting": 9, "instruct_pix2pix": 8}
 
 
@@ -465,6 +467,43 @@ def write_controlnet(path: str, seed: int = 0, layout: str = "ldm", dtype: torch
     return cn
 
 
+def build_t2i_adapter(seed: int = 0, in_channels: int = 3, num_res_blocks: int = 2):
+    """Seeded tiny SD1.5 T2I-Adapter (diffusers ``T2IAdapter``, full adapter) whose feature widths match the tiny
+    checkpoint's UNet levels."""
+    from diffusers import T2IAdapter
+
+    return randomize_(T2IAdapter(in_channels=in_channels, channels=list(TINY_CHANNELS), num_res_blocks=num_res_blocks,
+                                 downscale_factor=8, adapter_type="full_adapter"), seed).eval()
+
+
+def t2i_adapter_to_tencentarc(sd: dict, num_res_blocks: int) -> dict:
+    """Diffusers ``T2IAdapter`` keys -> TencentARC full-adapter keys (inverse of MODELS.md §3.8):
+    ``adapter.body.{l}.resnets.{j}.*`` -> ``body.{l*n+j}.*``, ``adapter.body.{l}.in_conv.*`` -> ``body.{l*n}.in_conv.*``."""
+    out = {}
+    for k, v in sd.items():
+        k = k[len("adapter."):]
+        if k.startswith("body."):
+            level, rest = k[len("body."):].split(".", 1)
+            if rest.startswith("resnets."):
+                j, rest = rest[len("resnets."):].split(".", 1)
+                k = f"body.{int(level) * num_res_blocks + int(j)}.{rest}"
+            else:
+                k = f"body.{int(level) * num_res_blocks}.{rest}"
+        out[k] = v
+    return out
+
+
+def write_t2i_adapter(path: str, seed: int = 0, in_channels: int = 3, layout: str = "tencentarc",
+                      dtype: torch.dtype = torch.float16, num_res_blocks: int = 2):
+    """Write a tiny SD1.5 T2I-Adapter: ``layout`` "tencentarc" (the released ``t2iadapter_*_sd15v2.pth`` keys) or
+    "diffusers" (``T2IAdapter.state_dict()``). ``in_channels`` 1 for canny/sketch, 3 for depth/openpose.
+    Returns the written ``T2IAdapter``."""
+    ad = build_t2i_adapter(seed, in_channels, num_res_blocks).to(dtype)
+    sd = ad.state_dict() if layout == "diffusers" else t2i_adapter_to_tencentarc(ad.state_dict(), num_res_blocks)
+    _save(sd, path)
+    return ad
+
+
 ZEROSCOPE_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.15.0", "beta_end": 0.012,
                        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
                        "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
@@ -574,6 +613,10 @@ def _write_role(role: str, path: str) -> None:
         write_motion_module(path, "v2", seed=seed, layout="original")
     elif role == "zeroscope":
         write_zeroscope_folder(path, seed=seed)
+    elif role == "sd15_full_attention":                    # T2I-Adapters need SD1.5's full-resolution attention
+        write_sd15_checkpoint(path, "base", seed=seed, attention_levels=SD15_ATTENTION)
+    elif role == "t2i_adapter_canny":
+        write_t2i_adapter(path, seed=seed, in_channels=1)
     else:
         raise ValueError(f"unknown stand-in role {role!r}; known: {sorted(STANDIN_FILES)}")
 

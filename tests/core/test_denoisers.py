@@ -216,3 +216,34 @@ def test_out_of_memory_on_a_video_model_runs_branches_in_turn_then_windows(caplo
         win(x, 501, g)
         assert all(r <= 4 for r in tight.ok[n:])                            # the windows are kept
     assert "context windows of 4 frames" in caplog.text
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_t2i_adapter_residuals_match_diffusers_frame_by_frame(in_channels):
+    """The denoiser's batched, chunked T2I-Adapter path equals diffusers' own: per frame and branch,
+    ``unet(x_f, t, text, down_intrablock_additional_residuals=[scale * f for f in T2IAdapter(hint_f)])``, the hint
+    grey (mean of RGB) for a one-channel adapter."""
+    from diffusers import T2IAdapter
+
+    unet = tiny.unet2d(0)
+    ad = tiny.randomize(T2IAdapter(in_channels=in_channels, channels=list(tiny.CH), num_res_blocks=2,
+                                   downscale_factor=8, adapter_type="full_adapter"), 7)
+    frames, scale = 3, 0.8
+    x = torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(0))
+    hints = torch.rand(frames, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    c, u = tiny.text(1), tiny.text(2)
+    g = cfg(Branch(c, control=hints), Branch(u, control=hints), 7.5)
+    ours = UNet2DDenoiser(unet, SD, controlnet=ad, control_scale=scale, frame_batch_size=2)(x, 501, g)
+    ref = []
+    for f in range(frames):
+        hint = hints[f:f + 1] if in_channels == 3 else hints[f:f + 1].mean(1, keepdim=True)
+        eps = [unet(x[:, :, f], 501, text, down_intrablock_additional_residuals=[scale * r for r in ad(hint)]).sample
+               for text in (u, c)]
+        ref.append(eps[0] + 7.5 * (eps[1] - eps[0]))
+    ref = torch.stack(ref, 2)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    plain = UNet2DDenoiser(unet, SD)(x, 501, cfg(Branch(c), Branch(u), 7.5))
+    assert float((ours - plain).abs().max()) > 1e-2                     # the adapter acts
+    zero = UNet2DDenoiser(unet, SD, controlnet=ad, control_scale=0.0)(x, 501, g)
+    torch.testing.assert_close(zero, plain, rtol=1e-5, atol=1e-6)        # scale 0: no adapter

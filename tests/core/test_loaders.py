@@ -437,6 +437,36 @@ def test_controlnet_round_trip(d, layout):
     assert_same_weights(cn, written)
 
 
+# ---------------------------------------------------------------------------------------------------- T2I-Adapter
+@pytest.mark.parametrize("layout, in_channels, res_blocks", [("tencentarc", 1, 2), ("tencentarc", 3, 1),
+                                                              ("diffusers", 3, 2)])
+def test_t2i_adapter_round_trip(d, layout, in_channels, res_blocks):
+    path = str(d / f"t2iadapter_{layout}_{in_channels}.pth")
+    written = S.write_t2i_adapter(path, seed=5, in_channels=in_channels, layout=layout, num_res_blocks=res_blocks)
+    raw = M.read_state_dict(path)
+    assert M.detect_file_kind(raw) == "t2i_adapter"
+    assert any(k.startswith("body.") for k in raw) == (layout == "tencentarc")
+    ad = M.load_controlnet(path)
+    assert type(ad).__name__ == "T2IAdapter" and ad.config.in_channels == in_channels
+    assert list(ad.config.channels) == list(S.TINY_CHANNELS) and ad.config.num_res_blocks == res_blocks
+    assert_same_weights(ad, written)
+
+
+def test_sdxl_and_light_t2i_adapters_are_refused(d):
+    from diffusers import T2IAdapter
+
+    xl = str(d / "t2i-adapter-canny-sdxl-1.0.safetensors")
+    S._save(T2IAdapter(in_channels=1, channels=[8, 8, 16, 16], num_res_blocks=1, downscale_factor=16,
+                       adapter_type="full_adapter_xl").state_dict(), xl)
+    with pytest.raises(ValueError, match="'t2i-adapter-canny-sdxl-1.0.safetensors' is an SDXL T2I-Adapter"):
+        M.load_controlnet(xl)
+    light = str(d / "t2iadapter_color_sd14v1.pth")
+    S._save({"conv_in.weight": torch.zeros(8, 192, 3, 3), "body.0.in_conv.weight": torch.zeros(8, 192, 1, 1),
+             "body.0.body.0.block1.weight": torch.zeros(8, 8, 3, 3)}, light)
+    with pytest.raises(ValueError, match="'t2iadapter_color_sd14v1.pth' is a T2I-Adapter of another kind"):
+        M.load_controlnet(light)
+
+
 def test_controlnet_residuals_are_nonzero(controlnet_file, base_model):
     cn = M.load_controlnet(controlnet_file)
     ctx = M.encode_prompts(base_model.text_encoder, base_model.tokenizer, ["a cat"])

@@ -25,9 +25,10 @@ def comfy_env(tmp_path_factory):
     from tools.standins import ensure_standins
 
     models = tmp_path_factory.mktemp("models")
-    for key in ("checkpoints", "controlnet", "diffusers", "animatediff_models"):
+    for key in ("checkpoints", "controlnet", "diffusers", "animatediff_models", "t2i_adapter"):
         os.makedirs(models / key, exist_ok=True)
-        folder_paths.add_model_folder_path(key, str(models / key), is_default=True)
+        folder_paths.add_model_folder_path(key if key != "t2i_adapter" else "controlnet", str(models / key),
+                                           is_default=key != "t2i_adapter")
     ensure_standins(str(models))
     nodes = importlib.import_module("videobridge.nodes")
     return {n.__name__: n for n in nodes.NODES}, str(models)

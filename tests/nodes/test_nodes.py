@@ -8,6 +8,7 @@ import torch
 BASE, INPAINT, IP2P = "v1-5-pruned-emaonly.safetensors", "sd-v1-5-inpainting.safetensors", \
     "instruct-pix2pix-00-22000.safetensors"
 CANNY, MOTION, ZEROSCOPE = "control_v11p_sd15_canny.safetensors", "mm_sd_v15_v2.ckpt", "diffusers/zeroscope_v2_576w"
+T2I, FULL = "t2iadapter_canny_sd15v2.pth", "dreamshaper_8.safetensors"  # FULL: SD1.5 stand-in with attention at level 0
 FRAMES, SIZE, STEPS = 4, 64, 2
 SNAPSHOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "schema_snapshot.json")
 
@@ -125,6 +126,27 @@ def test_controlnet_bivdiff_pipeline(N, base, vdm, request):
     assert out["samples"].shape == (FRAMES, 4, 8, 8) and "vb_timestep" not in out
     frames = run(N["VBDecodeFrames"], image_model=base, latent=out, frames_per_chunk=8)[0]
     assert frames.shape == (FRAMES, SIZE, SIZE, 3) and torch.isfinite(frames).all()
+
+
+def test_t2i_adapter_from_the_t2i_adapter_folder_drives_framewise_generation(N, base):
+    """A TencentARC canny adapter in models/t2i_adapter loads through VBLoadControlNet; on an SD1.5-layout model the
+    hints steer the frames (the strength scales them, 0 = none); on a UNet without full-resolution attention (the
+    smoke stand-in) the error names the input and why."""
+    assert T2I in N["VBLoadControlNet"].define_schema().inputs[0].options
+    ad = run(N["VBLoadControlNet"], control_net_name=T2I, dtype="auto")[0]
+    assert type(ad.model).__name__ == "T2IAdapter" and ad.model.config.in_channels == 1
+    full = run(N["VBLoadImageModel"], model_name=FULL, dtype="auto", vae_dtype="auto")[0]
+    hints = video(seed=3)
+    imgs, lat = generate(N, full, controlnet=ad, hints=hints)
+    plain, _ = generate(N, full, controlnet=ad, hints=hints, control_strength=0.0)
+    text_only, _ = generate(N, full)
+    assert float((imgs - plain).abs().max()) > 1e-3
+    assert float((plain - text_only).abs().max()) < 1e-4              # strength 0: the adapter adds nothing
+    other, _ = generate(N, full, controlnet=ad, hints=video(seed=4))
+    assert not torch.equal(imgs, other)                                 # the hints steer
+    with pytest.raises(ValueError, match="VBFramewiseGenerate: controlnet: this UNet's down block 0 has no "
+                                         "attention layers"):
+        generate(N, base, controlnet=ad, hints=hints)
 
 
 def test_mix_lazy_status_skips_the_unused_inversion(N):
