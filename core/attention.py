@@ -9,7 +9,10 @@ CFG batching and ControlNet passes cannot change which stored feature a layer se
 
 ``attention_control(unet, controller)`` installs a ``ControlledAttnProcessor`` on the chosen layers only (the others
 keep their processor objects) and always puts the original processors back: on success, on an exception, on
-Cancel. Temporal layers (AnimateDiff motion modules, UNet3D temporal attention) are never controlled.
+Cancel. Temporal layers (AnimateDiff motion modules, UNet3D temporal attention) are never controlled. The processor
+projects Q/K/V and asks ``controller.attend(name, q, k, v, mask)`` for the attention output, so any controller with
+``layers``, ``context`` and ``attend`` plugs in: this module's SFI controller, and Prompt2Prompt's
+(``core.prompt2prompt.Prompt2PromptController``).
 
 The injection itself is a plain function of tensors, ``sfi_attention`` (EVS paper Eq. 11), so any backend can use it.
 

@@ -150,6 +150,33 @@ def prompt2prompt_zeroscope():
     ], bivdiff_stages([7], [5, 6], 10)
 
 
+FULL_SD15, T2I_CANNY = "dreamshaper_8.safetensors", "t2iadapter_canny_sd15v2.pth"
+
+
+def t2iadapter_animatediff():
+    stem = "bivdiff_t2iadapter_animatediff"
+    return stem, "BIVDiff controllable video generation: T2I-Adapter (Canny) frame-wise, AnimateDiff temporal smoothing", [
+        bivdiff_note("controllable generation with a T2I-Adapter. Canny edges of the input clip steer a T2I-Adapter "
+                     "(lighter than a ControlNet: its features are computed once per frame and added inside the UNet) "
+                     "while SD1.5 draws every frame; AnimateDiff then smooths the frames into one consistent video.",
+                     [f"checkpoints/{FULL_SD15}: any SD1.5 checkpoint (DreamShaper 8 here; v1-5-pruned-emaonly works "
+                      "too): frame-wise image model, VAE and AnimateDiff's base.",
+                      f"t2i_adapter/{T2I_CANNY}: the TencentARC T2I-Adapter canny for SD1.5 (models/controlnet works "
+                      "too).",
+                      f"animatediff_models/{MOTION}: the AnimateDiff v2 motion module (guoyww)."],
+                     "the frame-wise prompt and the smoothing prompt describe the same video.", 1.0),
+        *VIDEO_IN,
+        (5, "Canny", {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (4, 0)}, "Canny hints"),
+        (6, "VBLoadImageModel", {"model_name": FULL_SD15}, {}, None),
+        (7, "VBLoadControlNet", {"control_net_name": T2I_CANNY}, {}, "Load T2I-Adapter"),
+        (8, "VBLoadVideoModel", {"model_name": MOTION}, {"image_model": (6, 0)}, None),
+        (9, "VBFramewiseGenerate", {"prompt": FOX, "negative_prompt": "", "seed": 0, "steps": 50, "cfg": 7.5},
+         {"image_model": (6, 0), "controlnet": (7, 0), "hints": (5, 0)}, "Frame-wise T2I-Adapter"),
+        *inversion_and_smoothing(10, (9, 1), (6, 0), (8, 0), 1.0, FOX),
+        *video_out(15, (14, 0), stem, (9, 0)),
+    ], bivdiff_stages([5, 9], [6, 7, 8], 10)
+
+
 def long_clip_animatediff():
     stem = "bivdiff_long_clip_animatediff"
     video_in = [n if n[1] != "ImageFromBatch" else
@@ -439,7 +466,7 @@ def workflow_file(stem: str) -> str:
     return os.path.join(ROOT, "workflows", stem)
 
 
-SPECS = [controlnet_zeroscope, ip2p_animatediff, prompt2prompt_zeroscope, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
+SPECS = [controlnet_zeroscope, t2iadapter_animatediff, ip2p_animatediff, prompt2prompt_zeroscope, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
          long_clip_animatediff,
          evs_refine_lightning, jvid_text_to_video, lambda: jvid_text_to_video(zeroscope=True), i4vgen_text_to_video,
          i4vgen_image_to_video]
