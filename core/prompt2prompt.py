@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -401,6 +401,9 @@ def prompt2prompt(image_denoiser, x_t: torch.Tensor, timesteps: Sequence[int], e
     text = torch.cat([source_text, edit_text]).repeat(n, 1, 1)                          # [2F, 77, D]
     guidance = cfg(Branch(text), Branch(null_text), cfg_scale)
     controller = Prompt2PromptController(edit, n, hw)
+    if callbacks.progress is not None:                              # previews show the edit copies
+        progress = callbacks.progress
+        callbacks = replace(callbacks, progress=lambda x0: progress(None if x0 is None else x0[:, :, 1::2]))
     group = image_denoiser.frame_group
     image_denoiser.frame_group = 2
     try:

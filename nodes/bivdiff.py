@@ -256,7 +256,7 @@ class VBPrompt2PromptEdit(io.ComfyNode):
         check_size("images" if images is not None else "width/height", H, W)
         hw, vae = (H // 8, W // 8), m.vae
         chunks = -(-n // 8)
-        progress = runtime.Progress(steps * (2 if images is not None else 1) + 3 * chunks)
+        progress = runtime.Progress((steps + chunks) * (2 if images is not None else 1) + 2 * chunks)
         cb = progress.callbacks
         texts = runtime.encode(image_model, [source_prompt, edit_prompt, negative_prompt,
                                              source_prompt if inversion_prompt == P2P_INVERSION[1] else ""])

@@ -7,6 +7,7 @@ right before use (COMFYUI.md §7). Returned tensors go to ``intermediate_device(
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -183,12 +184,20 @@ def video_denoiser(handle: VideoHandle, schedule: Optional[NoiseSchedule] = None
                                   sequential_branches=handle.sequential_branches), handle.context)
 
 
+ACTIVATION_FACTOR = {"motion": 1.0, "unet3d": 1.3}
+"""Activation memory of one video-model call per latent row, relative to an SD1.5 call on as many rows (the unit of
+``activation_bytes``), measured by benchmarks/activation_bench.py with full-size random weights (one CFG-batched call
+of 8 frames): AnimateDiff v2 1.00 (its peak is the spatial layers' feed-forward, which it shares with SD1.5),
+ZeroScope 1.28 at 256x256 and 1.27 at 384x384 (temporal convolutions and attention on every level); rounded up."""
+
+
 def video_rows(handle: VideoHandle, frames: int, branches: int = 2) -> int:
-    """Latents in one call of this video model on a ``frames`` clip with ``branches`` guidance branches: the window
-    length on context windows, one branch at a time with ``sequential_branches``."""
+    """SD1.5-equivalent latent rows (for ``activation_bytes``) of one call of this video model on a ``frames`` clip
+    with ``branches`` guidance branches: the window length on context windows, one branch at a time with
+    ``sequential_branches``, times the family's ``ACTIVATION_FACTOR``."""
     if handle.context is not None:
         frames = min(frames, handle.context.context_length)
-    return (1 if handle.sequential_branches else branches) * frames
+    return math.ceil((1 if handle.sequential_branches else branches) * frames * ACTIVATION_FACTOR[handle.model.kind])
 
 
 # ------------------------------------------------------------------ progress, preview, Cancel

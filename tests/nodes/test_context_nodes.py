@@ -1,10 +1,11 @@
 """Context windows in ComfyUI: the same windows and weights as ComfyUI core's, and VBContextWindows on the nodes."""
+import math
 import types
 
 import pytest
 import torch
 
-from .test_nodes import MOTION, run
+from .test_nodes import MOTION, ZEROSCOPE, run
 
 FRAMES, SIZE = 6, 64
 
@@ -98,8 +99,9 @@ def test_context_windows_node_on_smoothing(N, base, animatediff):
 
 
 def test_model_loads_reserve_the_activations_of_the_calls(N, base, animatediff, monkeypatch):
-    """ComfyUI's loader is asked for the activation memory of the calls to come (its own SD1.5 estimate), for the
-    window length and branch count actually batched; on the CPU the image-model chunk stays 'all frames'."""
+    """ComfyUI's loader is asked for the activation memory of the calls to come (its own SD1.5 estimate, times the
+    family's measured factor: ZeroScope 1.3), for the window length and branch count actually batched; on the CPU
+    the image-model chunk stays 'all frames'."""
     import comfy.model_management as mm
 
     from videobridge.nodes import runtime
@@ -109,8 +111,10 @@ def test_model_loads_reserve_the_activations_of_the_calls(N, base, animatediff, 
     monkeypatch.setattr(mm, "load_models_gpu", lambda models, memory_required=0, **kw: (
         asked.append(memory_required), real(models, memory_required=memory_required, **kw))[1])
     lat = {"samples": torch.zeros(FRAMES, 4, SIZE // 8, SIZE // 8)}
+    zeroscope = run(N["VBLoadVideoModel"], model_name=ZEROSCOPE, dtype="auto", sampling="model default (DDIM)")[0]
     for vm, rows in [(animatediff, 2 * FRAMES), (windows_on(N, animatediff, context_length=4, context_overlap=2), 8),
-                     (windows_on(N, animatediff, context_length=4, context_overlap=2, branches_in_turn=True), 4)]:
+                     (windows_on(N, animatediff, context_length=4, context_overlap=2, branches_in_turn=True), 4),
+                     (zeroscope, math.ceil(2 * FRAMES * 1.3))]:
         asked.clear()
         run(N["VBVideoDenoise"], video_model=vm, latent=lat, prompt="", negative_prompt="", seed=0, steps=1, cfg=7.5,
             strength=1.0)
