@@ -17,11 +17,14 @@ COMFY = os.environ.get("VIDEOBRIDGE_COMFYUI")
 def comfy_env(tmp_path_factory):
     if not COMFY or not os.path.isdir(COMFY):
         pytest.skip("VIDEOBRIDGE_COMFYUI is not set: run the tests through tools/run_tests.py")
-    if COMFY not in sys.path:
-        sys.path.insert(0, COMFY)
+    if COMFY in sys.path:                     # ahead of the repository root, whose nodes/ would shadow ComfyUI's nodes.py
+        sys.path.remove(COMFY)
+    sys.path.insert(0, COMFY)
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
     import folder_paths
+    import nodes  # noqa: F401  (ComfyUI's nodes.py, cached now: tools/ later puts the repository root, whose
+    #                            nodes/ package would shadow it, first on sys.path)
     from tools.standins import ensure_standins
 
     models = tmp_path_factory.mktemp("models")
