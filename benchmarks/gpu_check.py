@@ -6,12 +6,13 @@ Run on a machine with a CUDA GPU:  python3 benchmarks/gpu_check.py [--frames 16 
 Smoke run anywhere (tiny models, CPU; checks the script itself):  python3 benchmarks/gpu_check.py --smoke
 
 Models (random weights, fp16 on the GPU, built from diffusers' default configs on the meta device, so nothing is
-downloaded): SD1.5 UNet2DConditionModel and a ControlNet on it, AnimateDiff v2 (MotionAdapter defaults) on that UNet
+downloaded): SD1.5 UNet2DConditionModel, a ControlNet and a T2I-Adapter (canny) on it, AnimateDiff v2 (MotionAdapter defaults) on that UNet
 with per-frame motion norms and shared spatial modules, and a ZeroScope-sized UNet3DConditionModel (OpenCLIP-H text
 width 1024). Text embeddings are random. Each stage runs the pack's core functions exactly as the nodes call them,
 with ``--steps`` steps (the per-step memory is what matters; time scales with the steps) and CFG batched:
 
-  BIVDiff   frame-wise ControlNet generation -> image-model DDIM inversion -> smoothing with AnimateDiff / ZeroScope
+  BIVDiff   frame-wise ControlNet / T2I-Adapter generation, Prompt2Prompt editing (inversion + two-prompt edit with
+            LocalBlend) -> image-model DDIM inversion -> smoothing with AnimateDiff / ZeroScope
   EVS       T2I SDEdit with the encapsulated T2V block (AnimateDiff)
   I4VGen    16 candidates -> NI-VSDS -> regeneration (AnimateDiff)
   JVID      the mixture sampler (SD1.5 + AnimateDiff)
@@ -33,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import tests.conftest  # noqa: E402,F401  (registers the package as ``videobridge``)
 from videobridge.core import bivdiff, evs, i4vgen, jvid  # noqa: E402
+from videobridge.core import prompt2prompt as P2P  # noqa: E402
 from videobridge.core.context import ContextWindows, windowed  # noqa: E402
 from videobridge.core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, cfg, on_schedule, single  # noqa: E402
 from videobridge.core.models import ImageModel, build_animatediff  # noqa: E402
@@ -56,12 +58,13 @@ def materialise(module, device, dtype, seed):
 
 
 def build(device, dtype, smoke):
-    from diffusers import ControlNetModel, MotionAdapter, UNet2DConditionModel, UNet3DConditionModel
+    from diffusers import ControlNetModel, MotionAdapter, T2IAdapter, UNet2DConditionModel, UNet3DConditionModel
 
     if smoke:
         from tests.core import tiny
         unet, cn, u3 = tiny.unet2d(0), tiny.controlnet(0), tiny.unet3d(0)
         adapter = tiny.randomize(MotionAdapter(**tiny.MOTION), 1)
+        t2i = tiny.randomize(T2IAdapter(channels=list(tiny.CH), num_res_blocks=2, adapter_type="full_adapter"), 2)
         dims = (32, 32)
     else:
         with torch.device("meta"):
@@ -69,12 +72,14 @@ def build(device, dtype, smoke):
             cn = ControlNetModel(cross_attention_dim=768)
             adapter = MotionAdapter()
             u3 = UNet3DConditionModel(cross_attention_dim=1024, attention_head_dim=64)
-        unet, cn, adapter, u3 = (materialise(m, device, dtype, k) for k, m in enumerate((unet, cn, adapter, u3)))
+            t2i = T2IAdapter(in_channels=1, adapter_type="full_adapter")             # canny / sketch
+        unet, cn, adapter, u3, t2i = (materialise(m, device, dtype, k)
+                                      for k, m in enumerate((unet, cn, adapter, u3, t2i)))
         dims = (768, 1024)
-    unet, cn, u3 = unet.to(device, dtype), cn.to(device, dtype), u3.to(device, dtype)
+    unet, cn, u3, t2i = unet.to(device, dtype), cn.to(device, dtype), u3.to(device, dtype), t2i.to(device, dtype)
     image = ImageModel(unet, None, None, None, NoiseSchedule.sd15(), "base", "random weights")
     motion = build_animatediff(image, adapter.to(device, dtype), "v2").unet   # as VBLoadVideoModel: shared modules
-    return unet, cn, motion, u3, dims
+    return unet, cn, t2i, motion, u3, dims
 
 
 def measure(name, fn, device):
@@ -88,7 +93,7 @@ def measure(name, fn, device):
         peak = f"{torch.cuda.max_memory_allocated() / GIB:7.2f} GiB"
     else:
         peak = "    n/a (CPU)"
-    print(f"  {name:<44} {peak}  {time.perf_counter() - t0:8.2f} s")
+    print(f"  {name:<52} {peak}  {time.perf_counter() - t0:8.2f} s")
     return out
 
 
@@ -105,8 +110,9 @@ def main(argv=None) -> int:
     if args.smoke:
         args.frames, args.size, args.steps = [8, 20], 64, 2
     sd, ad = NoiseSchedule.sd15(), NoiseSchedule.animatediff()
-    unet, cn, motion, u3, (d_clip, d_open) = build(device, dtype, args.smoke)
+    unet, cn, t2i, motion, u3, (d_clip, d_open) = build(device, dtype, args.smoke)
     t_i, n_i = torch.randn(1, 77, d_clip, device=device), torch.randn(1, 77, d_clip, device=device)
+    t_e = torch.randn(1, 77, d_clip, device=device)                     # the Prompt2Prompt edit prompt
     t_z, n_z = torch.randn(1, 77, d_open, device=device), torch.randn(1, 77, d_open, device=device)
     print(f"device {device}, {dtype}, {args.size}x{args.size}, {args.steps} steps per stage")
     with torch.inference_mode():
@@ -127,6 +133,15 @@ def main(argv=None) -> int:
             noise = initial_noise(shape, 0).to(device)
             z = measure("BIVDiff 1 frame-wise ControlNet", lambda: bivdiff.framewise_generate(
                 image_cn, noise, grid_i, g_cn), device)
+            measure("BIVDiff 1 frame-wise T2I-Adapter", lambda: bivdiff.framewise_generate(
+                UNet2DDenoiser(unet, sd, controlnet=t2i, frame_batch_size=args.frame_batch), noise, grid_i, g_cn),
+                device)
+            blend = torch.zeros(2, 77)
+            blend[:, 2] = 1                                            # the swapped word at token 2 of both prompts
+            edit = P2P.Prompt2PromptEdit("replace", int(0.4 * (args.steps + 1)), int(0.4 * args.steps),
+                                         mapper=torch.eye(77), blend_tokens=blend)
+            measure("BIVDiff 1 Prompt2Prompt (invert + edit, LocalBlend)", lambda: P2P.invert_and_edit(
+                image, z, grid_i, edit, t_i, t_e, n_i, n_i, 7.5), device)
             inv = measure("BIVDiff 2 image inversion (AnimateDiff grid)", lambda: ddim_invert(
                 on_schedule(image, ad), z, grid_v, single(Branch(n_i))), device)
             measure("BIVDiff 3 smoothing, AnimateDiff", lambda: bivdiff.temporal_smoothing(video, inv, grid_v, g_v),

@@ -12,7 +12,8 @@ def test_gpu_check_smoke_runs_every_stage():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("  ")]
-    assert len(lines) == 2 * 7 and "20 frames, context windows 8/2" in out.stdout
-    for stage in ("frame-wise ControlNet", "image inversion", "smoothing, AnimateDiff", "smoothing, ZeroScope",
-                  "EVS refine", "I4VGen", "JVID"):
+    stages = ("frame-wise ControlNet", "frame-wise T2I-Adapter", "Prompt2Prompt", "image inversion",
+              "smoothing, AnimateDiff", "smoothing, ZeroScope", "EVS refine", "I4VGen", "JVID")
+    assert len(lines) == 2 * len(stages) and "20 frames, context windows 8/2" in out.stdout
+    for stage in stages:
         assert sum(stage in line for line in lines) == 2, stage
