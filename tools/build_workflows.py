@@ -137,7 +137,13 @@ def prompt2prompt_zeroscope():
                       f"{ZEROSCOPE}/: the ZeroScope v2 576w diffusers folder (cerspense)."],
                      "the source prompt describes the input clip; the edit prompt is the same sentence with the "
                      "word swapped (mode replace; refine allows added words); the smoothing prompt is the edit "
-                     "prompt. LocalBlend words: the old and the new object ('fox', 'wolf').", 0.25),
+                     "prompt. LocalBlend words: the old and the new object ('fox', 'wolf').\n\nPrompt2Prompt knobs: "
+                     "n_cross (0.4) and n_self (0.4) are the shares of the first steps whose attention the edit "
+                     "takes from the source: higher keeps more of the layout and shapes, lower lets the new word "
+                     "change more. reweight ('wolf:2') strengthens or weakens words of the edit prompt. With "
+                     "LocalBlend words set, only the region those words attend to changes; clear both to edit the "
+                     "whole frame. Advanced: blend_threshold (0.3), inversion_prompt (empty, as the official code).",
+                     0.25),
         *VIDEO_IN,
         (5, "VBLoadImageModel", {"model_name": BASE}, {}, None),
         (6, "VBLoadVideoModel", {"model_name": ZEROSCOPE}, {}, None),
