@@ -297,8 +297,10 @@ def local_blend_mask(maps: torch.Tensor, latent_hw: tuple, threshold: float = DE
 # ------------------------------------------------------------------ the controller
 class Prompt2PromptController:
     """Attention controller of a Prompt2Prompt run (same protocol as ``core.attention.AttentionController``:
-    ``layers``, ``context``, ``attend``). Installed on every spatial attention layer; the source rows and the
-    unconditional rows are always plain SDPA, so only the conditional edit rows change.
+    ``layers``, ``context``, ``attend``). Installed on every spatial attention layer. Unconditional rows are always
+    plain SDPA; on the layers and steps that edit (or record LocalBlend maps) the conditional source rows are
+    recomputed from their explicit probabilities (the same map, up to rounding) and the conditional edit rows from
+    the edited ones: only the edit rows change.
 
     num_frames: frames of the clip (the batch holds 2 per frame). latent_hw: (h, w) of the latent.
     """
