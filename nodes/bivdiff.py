@@ -15,7 +15,7 @@ from ..core.denoisers import Branch, UNet2DDenoiser, on_schedule, single
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
 from ..core.samplers import ddim_invert, initial_noise, sdedit
-from . import runtime, types, widgets
+from . import native, runtime, types, widgets
 from .api import io
 
 INVERT_WITH = ["image model (frame-wise)", "video model (whole clip)"]
@@ -332,6 +332,13 @@ class VBDDIMInvert(io.ComfyNode):
                                      "denoiser injects); 0 = every step. Fewer steps, less memory."),
                 widgets.bank_storage(),
                 widgets.bank_budget(),
+                io.Model.Input("model", optional=True,
+                               tooltip="A native SD1.5 MODEL (CheckpointLoaderSimple, LoRAs, patches) for the "
+                                       "frame-wise inversion, instead of image_model; the inversion prompt is then "
+                                       "the conditioning input."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Inversion prompt for a native model (CLIPTextEncode of an empty "
+                                              "prompt, as in the paper)."),
             ],
             outputs=[io.Latent.Output(display_name="noisy_latent",
                                       tooltip="Inverted latent; it carries its timestep and schedule."),
@@ -342,12 +349,16 @@ class VBDDIMInvert(io.ComfyNode):
     @classmethod
     def execute(cls, latent, invert_with, prompt, steps, fixed_point_iterations, frame_batch_size, legacy_grid,
                 inflated_groupnorm, image_model=None, video_model=None, capture_attention="off", custom_layers="",
-                capture_steps=0, bank_storage=widgets.BANK_STORAGE[0], bank_budget_gb=8.0) -> io.NodeOutput:
+                capture_steps=0, bank_storage=widgets.BANK_STORAGE[0], bank_budget_gb=8.0, model=None,
+                conditioning=None) -> io.NodeOutput:
         node = "VBDDIMInvert"
         if runtime.is_noisy(latent):
             raise ValueError(f"{node}: latent: already noisy (timestep {latent['vb_timestep']}); invert a clean "
                              "latent from VBFramewiseGenerate or VBEncodeFrames")
         use_image = invert_with == INVERT_WITH[0]
+        if model is not None:
+            return cls.native(node, latent, use_image, steps, fixed_point_iterations, legacy_grid, inflated_groupnorm,
+                              image_model, video_model, model, conditioning)
         if use_image and image_model is None:
             raise ValueError(f"{node}: image_model: invert_with is '{invert_with}' but no image_model is connected")
         if not use_image and video_model is None:
@@ -397,6 +408,33 @@ class VBDDIMInvert(io.ComfyNode):
             z, bank = evs.sfi_invert(denoiser, z0, grid, guidance, layers, kept,
                                      fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
                                      callbacks=progress.callbacks)
+        return io.NodeOutput(runtime.to_latent(z, scale, timestep=grid[0], schedule=master, grid=grid), bank)
+
+    @classmethod
+    def native(cls, node, latent, use_image, steps, fixed_point_iterations, legacy_grid, inflated_groupnorm,
+               image_model, video_model, model, conditioning) -> io.NodeOutput:
+        """Frame-wise inversion with a native ComfyUI MODEL (``nodes.native``): the same core inversion on the same
+        grid, so the result carries the same timestep, schedule and grid as with a VB image model."""
+        if not use_image:
+            raise ValueError(f"{node}: model: a native MODEL inverts frame-wise; set invert_with to "
+                             f"'{INVERT_WITH[0]}' (video models stay VB video models)")
+        if image_model is not None:
+            raise ValueError(f"{node}: model and image_model are both connected; connect one image model")
+        if conditioning is None:
+            raise ValueError(f"{node}: conditioning: a native model needs its inversion prompt as CONDITIONING "
+                             "(CLIPTextEncode with an empty prompt, as in the paper)")
+        if inflated_groupnorm:
+            raise ValueError(f"{node}: inflated_groupnorm is a parity option of the VB image model only")
+        schedule = native.schedule_of(model, f"{node}: model")
+        master = video_model.model.schedule if video_model is not None else schedule
+        grid = master.timesteps(steps, video_model.model.spacing if video_model is not None else "leading")
+        scale = latent_scale(video_model)
+        z0 = runtime.from_latent(latent, "latent", scale, runtime.mm.get_torch_device())
+        progress = runtime.Progress(steps)
+        z = native.run(model, conditioning, None, 1.0, z0, grid, schedule, lambda den: ddim_invert(
+            on_schedule(den, master), z0, grid, native.GUIDANCE, fixed_point_iters=fixed_point_iterations,
+            legacy_grid=legacy_grid, callbacks=progress.callbacks))
+        bank = FeatureBank(z0.shape[2], tuple(z0.shape[-2:]), master)
         return io.NodeOutput(runtime.to_latent(z, scale, timestep=grid[0], schedule=master, grid=grid), bank)
 
 

@@ -51,3 +51,21 @@ def base(N):
     with torch.inference_mode():
         return N["VBLoadImageModel"].execute(model_name="v1-5-pruned-emaonly.safetensors", dtype="auto",
                                              vae_dtype="auto").result[0]
+
+
+@pytest.fixture(scope="module")
+def native_sd15(comfy_env):
+    """The full-attention SD1.5 stand-in (``dreamshaper_8.safetensors``) loaded by ComfyUI itself, as
+    CheckpointLoaderSimple loads it: a native MODEL (ModelPatcher). ComfyUI detects SD1.5 by its real widths
+    (model_channels 320, context_dim 768), so a test-only supported-model entry with the stand-in's widths (32, 32)
+    is registered first; the text encoder is not loaded (its width does not fit ComfyUI's SD1 CLIP), so tests build
+    CONDITIONING from the VB model's text encoder."""
+    import comfy.sd
+    import comfy.supported_models as sm
+    import folder_paths
+
+    if not any(m.__name__ == "StandinSD15" for m in sm.models):
+        sm.models.insert(0, type("StandinSD15", (sm.SD15,), {"unet_config": dict(sm.SD15.unet_config, context_dim=32,
+                                                                                   model_channels=32)}))
+    path = folder_paths.get_full_path("checkpoints", "dreamshaper_8.safetensors")
+    return comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]

@@ -1,0 +1,94 @@
+"""Native ComfyUI models (nodes/native.py) on the same SD1.5 weights as the VB image model: the same guided eps to
+float32 rounding, the same frame-wise inversion with the same latent metadata, the user's MODEL left as it was (also
+after a Cancel), and models of other families refused."""
+import pytest
+import torch
+
+from .test_nodes import FRAMES, SIZE, STEPS, invert, run, video
+
+FULL = "dreamshaper_8.safetensors"
+
+
+@pytest.fixture(scope="module")
+def vb_full(N):
+    return run(N["VBLoadImageModel"], model_name=FULL, dtype="fp32", vae_dtype="fp32")[0]
+
+
+def conds(vb, *prompts):
+    from videobridge.nodes import runtime
+
+    return [[[e[None], {}]] for e in runtime.encode(vb, list(prompts))]
+
+
+def state(model):
+    """What a run must leave as it was: the patcher's patches and options, and the weights."""
+    return (dict(model.patches), repr(model.model_options), {k: v.clone() for k, v in
+                                                            model.model.diffusion_model.state_dict().items()})
+
+
+def same_state(a, b):
+    return a[0] == b[0] and a[1] == b[1] and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+@torch.no_grad()
+def test_native_eps_equals_the_diffusers_backend(native_sd15, vb_full):
+    from videobridge.core.denoisers import Branch, UNet2DDenoiser, cfg
+    from videobridge.nodes import native, runtime
+
+    sched = native.schedule_of(native_sd15, "model")
+    x = torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
+    text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
+    positive, negative = conds(vb_full, "a cat", "")
+    for t in (981, 501, 21):
+        ours = UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule)(x, t, cfg(Branch(text), Branch(null), 7.5))
+        theirs = native.run(native_sd15, positive, negative, 7.5, x, [t], sched, lambda d: d(x, t, native.GUIDANCE))
+        # float32 rounding: 1.4e-5 relative at t = 981, where the k-diffusion round trip x_k = x_t / sqrt(abar),
+        # eps = (x_k - D) / sigma works at sigma = 14.6; a wrong sigma, timestep or scaling is off by > 1e-2
+        assert float((ours - theirs).abs().max() / ours.abs().max()) < 5e-5, t
+
+
+def test_native_inversion_matches_the_vb_inversion_and_its_metadata(N, native_sd15, vb_full):
+    lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
+    before = state(native_sd15)
+    ours = invert(N, lat, "image model (frame-wise)", image_model=vb_full)
+    theirs = invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=conds(vb_full, "")[0])
+    assert {k: theirs[k] for k in ("vb_timestep", "vb_schedule", "vb_grid")} == \
+        {k: ours[k] for k in ("vb_timestep", "vb_schedule", "vb_grid")}
+    a, b = ours["samples"], theirs["samples"]
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-4
+    assert same_state(before, state(native_sd15))
+
+
+def test_a_cancel_leaves_the_model_as_it_was(N, native_sd15, vb_full, monkeypatch):
+    import comfy.model_management as mm
+
+    lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
+    before = state(native_sd15)
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 2:
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt)
+    with pytest.raises(mm.InterruptProcessingException):
+        invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=conds(vb_full, "")[0], steps=4)
+    assert same_state(before, state(native_sd15))
+
+
+def test_bad_native_inputs_name_the_input(N, native_sd15, vb_full):
+    import comfy.latent_formats
+
+    lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
+    c = conds(vb_full, "")[0]
+    with pytest.raises(ValueError, match="VBDDIMInvert: conditioning: a native model needs"):
+        invert(N, lat, "image model (frame-wise)", model=native_sd15)
+    with pytest.raises(ValueError, match="VBDDIMInvert: model and image_model are both connected"):
+        invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=c, image_model=vb_full)
+    with pytest.raises(ValueError, match="VBDDIMInvert: model: a native MODEL inverts frame-wise"):
+        invert(N, lat, "video model (whole clip)", model=native_sd15, conditioning=c)
+    sdxl = native_sd15.clone()
+    sdxl.model = type("Fake", (), {"latent_format": comfy.latent_formats.SDXL(), "model_config": object()})()
+    with pytest.raises(ValueError, match="VBDDIMInvert: model: this MODEL is object \\(SDXL latents\\); only SD1.5"):
+        invert(N, lat, "image model (frame-wise)", model=sdxl, conditioning=c)
