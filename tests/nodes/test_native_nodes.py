@@ -92,3 +92,37 @@ def test_bad_native_inputs_name_the_input(N, native_sd15, vb_full):
     sdxl.model = type("Fake", (), {"latent_format": comfy.latent_formats.SDXL(), "model_config": object()})()
     with pytest.raises(ValueError, match="VBDDIMInvert: model: this MODEL is object \\(SDXL latents\\); only SD1.5"):
         invert(N, lat, "image model (frame-wise)", model=sdxl, conditioning=c)
+
+
+def tiny_lora(model, seed=0) -> dict:
+    """A rank-4 LoRA in the kohya layout real SD1.5 LoRAs use (``lora_unet_<diffusers name>.lora_up/down``, alpha)
+    on every cross-attention key projection of the stand-in UNet."""
+    import comfy.lora
+
+    g, out = torch.Generator().manual_seed(seed), {}
+    weights = model.model.state_dict()
+    for key, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if key.startswith("lora_unet_") and "_blocks_" in key and target.endswith("attn2.to_k.weight"):
+            w = weights[target]
+            out[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], 4, generator=g)
+            out[f"{key}.lora_down.weight"] = torch.randn(4, w.shape[1], generator=g)
+            out[f"{key}.alpha"] = torch.tensor(4.0)
+    assert out
+    return out
+
+
+def test_a_lora_changes_the_inversion_and_leaves_the_base_model_untouched(N, native_sd15, vb_full):
+    """LoraLoader's result (a patched clone) changes the output; the MODEL it was applied to still gives the
+    original output bit for bit afterwards, with its patches and weights as before."""
+    import comfy.sd
+
+    lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
+    c = conds(vb_full, "")[0]
+    before = state(native_sd15)
+    plain = invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=c)["samples"]
+    lora_model, _ = comfy.sd.load_lora_for_models(native_sd15, None, tiny_lora(native_sd15), 1.0, 0.0)
+    with_lora = invert(N, lat, "image model (frame-wise)", model=lora_model, conditioning=c)["samples"]
+    again = invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=c)["samples"]
+    assert float((with_lora - plain).abs().max()) > 1e-3
+    assert torch.equal(again, plain)
+    assert same_state(before, state(native_sd15)) and lora_model.patches is not native_sd15.patches
