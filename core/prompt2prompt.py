@@ -322,42 +322,45 @@ class Prompt2PromptController:
 
     def attend(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Attention output ``[B, heads, L_q, d]``; rows ``B = (branch frame prompt)``. SDPA for every row, then the
-        conditional rows recomputed from explicit probabilities where this layer and step edit or store them."""
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        """Attention output ``[B, heads, L_q, d]``; rows ``B = (branch frame prompt)``. Plain SDPA, except where this
+        layer and step edit: there the conditional rows come from explicit probabilities (the source's own, the
+        edit's edited) and only the other branches' rows from SDPA. LocalBlend layers also keep the conditional
+        rows' word maps (explicit probabilities, the output stays SDPA's)."""
         ctx, e = self.context, self.edit
         if ctx is None or ctx.step is None or "cond" not in ctx.branches:
-            return out
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         kind, lq = layer_kind(name), q.shape[2]
         cross = kind == "cross" and ctx.step < e.cross_steps
         self_ = kind == "self" and ctx.step < e.self_steps and lq <= SELF_MAX_TOKENS
         blend = self._is_blend_layer(name)
         if not (cross or self_ or blend):
-            return out
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         nb, nf = len(ctx.branches), ctx.chunk_frames
         if q.shape[0] != nb * nf or nf % 2 or ctx.frames[0] % 2:
             raise RuntimeError(f"Prompt2Prompt: layer {name} got {q.shape[0]} rows for {nb} branches x frames "
                                f"{ctx.frames}; source and edit copies must be interleaved and chunked in pairs")
-        c = ctx.branches.index("cond")
-        qc, kc, vc = (x.view(nb, nf // 2, 2, *x.shape[1:])[c] for x in (q, k, v))     # [n, 2, heads, L, d]
         if attention_mask is not None:
             raise ValueError(f"Prompt2Prompt: layer {name} got an attention mask, which SD1.5 UNets never pass; "
                              "this model is not supported")
+        c = ctx.branches.index("cond")
+        qc, kc, vc = (x.view(nb, nf // 2, 2, *x.shape[1:])[c] for x in (q, k, v))     # [n, 2, heads, L, d]
         probs = ((qc @ kc.transpose(-1, -2)) * qc.shape[-1] ** -0.5).softmax(-1)         # [n, 2, heads, Lq, Lk]
         if blend:
             words = (probs * e.blend_tokens.to(probs)[None, :, None, None, :]).sum(-1).mean(2)   # [n, 2, Lq]
             f0 = ctx.frames[0] // 2
             store = self.maps.setdefault((name, ctx.step), torch.zeros(2, self.num_frames, lq))
             store[:, f0:f0 + nf // 2] = words.transpose(0, 1).float().cpu()
-        if cross:
-            a_edit = edit_cross_attention(probs[:, 0], probs[:, 1], e)
-        elif self_:
-            a_edit = probs[:, 0]
-        else:
-            return out
+        if not (cross or self_):
+            return F.scaled_dot_product_attention(q, k, v)
+        a_edit = edit_cross_attention(probs[:, 0], probs[:, 1], e) if cross else probs[:, 0]
         cond = torch.stack([probs[:, 0], a_edit], 1).to(vc.dtype) @ vc                 # [n, 2, heads, Lq, d]
-        out = out.clone()
-        out.view(nb, nf, *out.shape[1:])[c] = cond.reshape(nf, *cond.shape[2:])
+        rows = lambda x: x.view(nb, nf, *x.shape[1:])                                     # noqa: E731
+        out = torch.empty_like(q)
+        others = [b for b in range(nb) if b != c]
+        if others:
+            rows(out)[others] = F.scaled_dot_product_attention(
+                *(rows(x)[others].flatten(0, 1) for x in (q, k, v))).view(len(others), nf, *q.shape[1:])
+        rows(out)[c] = cond.reshape(nf, *cond.shape[2:])
         return out
 
     def local_blend(self, step: int, x: torch.Tensor) -> torch.Tensor:
