@@ -209,8 +209,10 @@ class UNet2DDenoiser(_Controllable):
         self.frame_batch_size = frame_batch_size
         self.inflated_groupnorm = inflated_groupnorm
         self.frame_group = int(frame_group)
-        if controlnet is not None and type(controlnet).__name__ == "T2IAdapter":
+        self.adapter = controlnet if type(controlnet).__name__ == "T2IAdapter" else None
+        if self.adapter is not None:
             check_adapter(unet, controlnet)
+        self._features = {}                 # T2I-Adapter features per frame chunk, for the hints they came from
         self.calls = 0                      # UNet forward calls (benchmarks count them)
 
     def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance, step: Optional[int] = None) -> torch.Tensor:
@@ -236,20 +238,24 @@ class UNet2DDenoiser(_Controllable):
             start += out[-1].shape[2]
         return torch.cat(out, dim=2)
 
-    def _adapter_residuals(self, branches, hints: list, dtype) -> dict:
+    def _adapter_residuals(self, branches, hints: list, start: int, dtype) -> dict:
         """T2I-Adapter features of the chunk's hints, times ``control_scale``, as diffusers'
         ``down_intrablock_additional_residuals`` (added inside the UNet's down blocks; diffusers
-        ``StableDiffusionAdapterPipeline``). The adapter runs once when every branch has the same hint (CFG), and on
-        the mean of the RGB channels for one-channel adapters (sketch, canny)."""
-        ad = self.controlnet
-        same = all(b.control is branches[0].control for b in branches)
-        hint = torch.cat(hints[:1] if same else hints).to(_module_device(ad), _module_dtype(ad))
-        if ad.config.in_channels == 1:
-            hint = hint.mean(1, keepdim=True)
-        feats = [f.to(dtype) * self.control_scale for f in ad(hint)]
-        if same and len(hints) > 1:
+        ``StableDiffusionAdapterPipeline``). The adapter runs once per chunk and set of hint tensors, not per step
+        (its features do not depend on the noisy latent), once for all branches when they share the hint (CFG), and
+        on the mean of the RGB channels for one-channel adapters (sketch, canny)."""
+        ad, controls, nf = self.adapter, tuple(b.control for b in branches), hints[0].shape[0]
+        kept = self._features.get((start, nf))
+        if kept is None or len(kept[0]) != len(controls) or any(a is not b for a, b in zip(kept[0], controls)):
+            same = all(c is controls[0] for c in controls)
+            hint = torch.cat(hints[:1] if same else hints).to(_module_device(ad), _module_dtype(ad))
+            if ad.config.in_channels == 1:
+                hint = hint.mean(1, keepdim=True)
+            kept = self._features[(start, nf)] = (controls, [f.to(dtype) * self.control_scale for f in ad(hint)])
+        feats = kept[1]
+        if feats[0].shape[0] != len(hints) * nf:                           # one hint for every branch
             feats = [f.repeat(len(hints), 1, 1, 1) for f in feats]
-        return dict(down_intrablock_additional_residuals=feats)
+        return dict(down_intrablock_additional_residuals=list(feats))      # a new list: the UNet pops from it
 
     def _eval(self, x: torch.Tensor, t: Timestep, g: Guidance, start: int, step, n_frames: int) -> torch.Tensor:
         unet = self.unet
@@ -274,8 +280,8 @@ class UNet2DDenoiser(_Controllable):
         ctx = torch.cat(texts).to(device, dtype)
         ts = _timestep_tensor(t, sample.shape[0], device)
         kwargs = {}
-        if self.controlnet is not None and type(self.controlnet).__name__ == "T2IAdapter":
-            kwargs = self._adapter_residuals(g.branches, hints, dtype)
+        if self.adapter is not None:
+            kwargs = self._adapter_residuals(g.branches, hints, start, dtype)
         elif self.controlnet is not None:
             cn = self.controlnet
             down, mid = cn(sample[:, :4], ts, encoder_hidden_states=ctx.to(_module_dtype(cn)),

@@ -247,3 +247,26 @@ def test_t2i_adapter_residuals_match_diffusers_frame_by_frame(in_channels):
     assert float((ours - plain).abs().max()) > 1e-2                     # the adapter acts
     zero = UNet2DDenoiser(unet, SD, controlnet=ad, control_scale=0.0)(x, 501, g)
     torch.testing.assert_close(zero, plain, rtol=1e-5, atol=1e-6)        # scale 0: no adapter
+
+
+@torch.no_grad()
+def test_t2i_adapter_runs_once_per_chunk_not_per_step():
+    """The adapter's features depend only on the hints: over a 3-step sampling run in chunks of 2 frames the adapter
+    runs once per chunk, and new hint tensors are encoded again."""
+    from diffusers import T2IAdapter
+
+    from videobridge.core.samplers import ddim_sample
+
+    unet = tiny.unet2d(0)
+    ad = tiny.randomize(T2IAdapter(in_channels=3, channels=list(tiny.CH), num_res_blocks=1,
+                                   adapter_type="full_adapter"), 7)
+    calls = []
+    ad.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    x = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hints = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    den = UNet2DDenoiser(unet, SD, controlnet=ad, frame_batch_size=2)
+    g = cfg(Branch(tiny.text(1), control=hints), Branch(tiny.text(2), control=hints), 7.5)
+    ddim_sample(den, x, SD.timesteps(3), g)
+    assert calls == [2, 2]                                               # 2 chunks, once each, shared by both branches
+    den(x, 501, cfg(Branch(tiny.text(1), control=hints.clone()), Branch(tiny.text(2), control=hints), 7.5))
+    assert calls == [2, 2, 4, 4]                                         # other hint objects: encoded again, per branch
