@@ -689,7 +689,7 @@ def controlnet_config_from_weights(raw: dict, heads: int = 8, norm_groups: int =
                 attention_head_dim=heads, norm_num_groups=norm_groups)
 
 
-def t2i_adapter_from_weights(raw: dict, name: str) -> dict:
+def t2i_adapter_from_weights(raw: dict, name: str) -> tuple:
     """The diffusers ``T2IAdapter`` state dict and config of a T2I-Adapter file (MODELS.md §3.8).
 
     TencentARC "full adapter" keys (``conv_in.*``, ``body.{i}.block{1,2}.*``, ``body.{i}.in_conv.*``; i runs over

@@ -60,6 +60,12 @@ def schedule_of(model, name: str) -> NoiseSchedule:
     return sd
 
 
+def sigma_of(schedule: NoiseSchedule, t: Timestep) -> float:
+    """ComfyUI's k-diffusion noise level of timestep ``t``: ``sqrt((1 - abar(t)) / abar(t))``."""
+    abar = float(schedule.alpha_bar(t))
+    return math.sqrt((1.0 - abar) / abar)
+
+
 class NativeDenoiser:
     """Core image denoiser over ComfyUI's guided model inside a running sampler (``run``): frames are the batch.
 
@@ -74,10 +80,9 @@ class NativeDenoiser:
 
     def __call__(self, x: torch.Tensor, t: Timestep, guidance=None, step: Optional[int] = None) -> torch.Tensor:
         """Guided eps ``[1, 4, F, h, w]`` float32 at timestep ``t`` (0..999) for the scaled latent ``x``."""
-        abar = float(self.schedule.alpha_bar(t))
-        sigma = math.sqrt((1.0 - abar) / abar)
+        sigma = sigma_of(self.schedule, t)
         frames = rearrange(x, "b c f h w -> (b f) c h w")
-        xk = frames / math.sqrt(abar)
+        xk = frames * math.sqrt(1.0 + sigma * sigma)                    # x_t / sqrt(abar)
         s = torch.full((frames.shape[0],), sigma, device=frames.device, dtype=torch.float32)
         denoised = self.model_k(xk, s, **self.extra_args).float()
         self.calls += 1
@@ -92,8 +97,7 @@ def run(model, positive, negative, cfg: float, latent: torch.Tensor, timesteps, 
     at cfg 1). ``latent`` gives the batch shape and device; ``timesteps`` (the core grid, 0..999) become the
     sampler's sigmas, which model patches read. Returns what ``loop`` returns, float32."""
     frames = rearrange(latent, "b c f h w -> (b f) c h w")
-    sig = [math.sqrt((1 - float(schedule.alpha_bar(t))) / float(schedule.alpha_bar(t))) for t in timesteps]
-    sigmas = torch.tensor(sig + [0.0], dtype=torch.float32)
+    sigmas = torch.tensor([sigma_of(schedule, t) for t in timesteps] + [0.0], dtype=torch.float32)
     out = {}
 
     def sampler_function(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):

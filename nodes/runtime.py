@@ -50,7 +50,7 @@ def activation_bytes(rows: int, latent_hw, dtype: torch.dtype = torch.float16) -
     """Activation memory of one SD1.5-family UNet call on ``rows`` latents of ``latent_hw`` (frames x guidance
     branches), by ComfyUI's own estimate for these models (``comfy/model_base.py`` ``BaseModel.memory_required``,
     ``memory_usage_factor`` 1.0): ``rows*h*w*dtype_size*0.01`` MiB with PyTorch flash / xformers attention, else
-    ``rows*h*w*0.15`` MiB. AnimateDiff and ZeroScope calls use it too (the motion / temporal layers add little)."""
+    ``rows*h*w*0.15`` MiB. Video-model calls give SD1.5-equivalent rows (``video_rows``: ``ACTIVATION_FACTOR``)."""
     h, w = latent_hw
     area = max(0, int(rows)) * int(h) * int(w)
     if mm.xformers_enabled() or mm.pytorch_attention_flash_attention():
