@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:          # run as a script; never reorder a path that has it (its nodes/ shadows ComfyUI's)
+    sys.path.insert(0, _ROOT)
 from core.models import bytes_to_unicode  # noqa: E402  (also run as a script: python tools/standins.py DIR)
 
 TINY_CHANNELS = (32, 32, 64, 64)

@@ -23,8 +23,6 @@ def comfy_env(tmp_path_factory):
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
     import folder_paths
-    import nodes  # noqa: F401  (ComfyUI's nodes.py, cached now: tools/ later puts the repository root, whose
-    #                            nodes/ package would shadow it, first on sys.path)
     from tools.standins import ensure_standins
 
     models = tmp_path_factory.mktemp("models")
