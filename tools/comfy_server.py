@@ -37,6 +37,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_LINK_NAME = "ComfyUI-VideoBridge"
+STANDINS_LINK_NAME = "videobridge-standins"  # tools/comfy_standins, test-only
 HOST = "127.0.0.1"  # loopback only, always
 MODEL_KEYS = ("checkpoints", "controlnet", "t2i_adapter", "vae", "diffusers", "animatediff_models", "clip_vision", "loras",
               "embeddings", "upscale_models")
@@ -94,6 +95,8 @@ class ComfyServer:
     cpu: pass ``--cpu``; None means "unless torch sees CUDA in this process".
     check_imports: fail start-up if the log shows ``(IMPORT FAILED)`` (a custom-node import failure).
     create_model_folders: create the standard ``models/<key>/`` folders (off for a user's own models folder).
+    standins: also load ``tools/comfy_standins`` (test-only), which makes ComfyUI's own loaders recognise the tiny
+        stand-in checkpoints (CheckpointLoaderSimple, LoraLoader, ControlNetLoader, core VAE nodes).
     """
 
     def __init__(self, comfy_dir: str | None = None, *, python: str | None = None, base_dir: str | None = None,
@@ -101,7 +104,7 @@ class ComfyServer:
                  input_dir: str | None = None, port: int | None = None, cpu: bool | None = True,
                  check_imports: bool = True, startup_timeout: float = 300.0, keep_base: bool = False,
                  extra_args: tuple | list = (), pack_dir: str | os.PathLike = REPO_ROOT, listen_ws: bool = True,
-                 create_model_folders: bool = True):
+                 create_model_folders: bool = True, standins: bool = False):
         comfy_dir = comfy_dir or default_comfy_dir()
         if not comfy_dir or not os.path.isfile(os.path.join(comfy_dir, "main.py")):
             raise ComfyStartError(f"no ComfyUI main.py in {comfy_dir!r} (set VIDEOBRIDGE_COMFYUI or COMFYUI_DIR)")
@@ -128,6 +131,11 @@ class ComfyServer:
         self.user_dir = os.path.join(self.base_dir, "user")
         self.models_dir = os.path.join(self.base_dir, "models")
         self._layout(models_dir, Path(pack_dir), create_model_folders)
+        if standins:
+            link = os.path.join(self.base_dir, "custom_nodes", STANDINS_LINK_NAME)
+            if not os.path.lexists(link):
+                os.symlink(os.path.join(os.path.realpath(pack_dir), "tools", "comfy_standins"), link,
+                           target_is_directory=True)
 
     # ----------------------------------------------------------------- layout
     def _layout(self, models_dir: str | None, pack_dir: Path, create_model_folders: bool) -> None:

@@ -338,7 +338,8 @@ def run_in_env(args) -> int:
     t_start = time.monotonic()
     srv = ComfyServer(comfy_dir, python=sys.executable, models_dir=models_dir, extra_model_dirs=extra_dirs,
                       output_dir=output_dir, cpu=None, check_imports=not args.no_import_check,
-                      keep_base=args.keep, startup_timeout=600, create_model_folders=not external)
+                      keep_base=args.keep, startup_timeout=600, create_model_folders=not external,
+                      standins=bool(standins))
     try:
         if args.input:
             name = os.path.basename(args.input)

@@ -49,11 +49,13 @@ STANDIN_FILES = {
     "zeroscope": "diffusers/zeroscope_v2_576w",
     "sd15_full_attention": "checkpoints/dreamshaper_8.safetensors",
     "t2i_adapter_canny": "t2i_adapter/t2iadapter_canny_sd15v2.pth",
+    "lora_sd15": "loras/add_detail.safetensors",
 }
 """Standard stand-in paths relative to a ComfyUI ``models`` dir, by role (the README lists these)."""
 
 _SEEDS = {"sd15": 0, "sd15_inpainting": 1, "sd15_ip2p": 2, "controlnet_canny": 3, "animatediff_v2": 4,
-          "zeroscope": 5, "animatediff_lightning": 6, "sd15_full_attention": 7, "t2i_adapter_canny": 8}
+          "zeroscope": 5, "animatediff_lightning": 6, "sd15_full_attention": 7, "t2i_adapter_canny": 8,
+          "lora_sd15": 9}
 _VARIANT_IN = {"base": 4, "inpainting": 9, "instruct_pix2pix": 8}
 
 
@@ -598,6 +600,95 @@ def write_sd15_diffusers_folder(folder: str, variant: str = "base", seed: int = 
     return mods
 
 
+def write_lora(path: str, seed: int = 0, rank: int = 4, attention_levels: tuple = STANDIN_ATTENTION) -> dict:
+    """A rank-``rank`` SD1.5 LoRA in the kohya layout most LoRA files use (``lora_unet_<diffusers module name>`` and
+    ``lora_te_<transformers module name>``, ``.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha``) for the stand-in
+    checkpoints: every cross-attention key/value projection of the UNet and every text-encoder query projection.
+    Written as safetensors; returns the state dict."""
+    mods = build_sd15_modules("base", 0, attention_levels=attention_levels)
+    g, out = torch.Generator().manual_seed(seed), {}
+    for prefix, module, wanted in (("lora_unet", mods["unet"], ("attn2.to_k", "attn2.to_v")),
+                                   ("lora_te", mods["text_encoder"], ("self_attn.q_proj",))):
+        for name, m in module.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.endswith(wanted):
+                name = name if prefix == "lora_unet" else "text_model." + name.removeprefix("text_model.")
+                key = f"{prefix}_{name.replace('.', '_')}"
+                out[f"{key}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.5
+                out[f"{key}.lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.5
+                out[f"{key}.alpha"] = torch.tensor(float(rank))
+    _save_safetensors(_cast(out, torch.float16), path)
+    return out
+
+
+def teach_comfyui() -> None:
+    """Make a running ComfyUI recognise the stand-in checkpoints, as it recognises real SD1.5 files: ComfyUI detects
+    SD1.5 by its real widths (model_channels 320, context_dim 768, a 128-wide VAE, a 768-wide CLIP-L) and refuses the
+    stand-ins ("Could not detect model type"). This registers a test-only supported-model entry with the stand-in
+    widths (its CLIP target a 32-wide CLIP on ComfyUI's own SD1 tokenizer) and gives ComfyUI's VAE the stand-in's
+    layout when it meets a 32-wide one. For tests and stand-in runs only (``tools/comfy_standins`` loads it into a
+    server); real files never match these widths. Idempotent."""
+    import functools
+
+    import comfy.sd
+    import comfy.sd1_clip as sd1_clip
+    import comfy.supported_models as sm
+    import comfy.supported_models_base as smb
+
+    if any(m.__name__ == "StandinSD15" for m in sm.models):
+        return
+    clip_config = dict(tiny_clip_config(), architectures=["CLIPTextModel"], model_type="clip_text_model")
+
+    class StandinClip(sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, return_projected_pooled=False, dtype=dtype, model_options=model_options,
+                             textmodel_json_config=clip_config)
+
+    class StandinSD15(sm.SD15):
+        unet_config = dict(sm.SD15.unet_config, context_dim=CLIP_HIDDEN, model_channels=TINY_CHANNELS[0])
+
+        def clip_target(self, state_dict={}):
+            return smb.ClipTarget(sd1_clip.SD1Tokenizer, functools.partial(sd1_clip.SD1ClipModel,
+                                                                           clip_model=StandinClip))
+
+    sm.models.insert(0, StandinSD15)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": TINY_CHANNELS[0], "ch_mult": [c // TINY_CHANNELS[0] for c in TINY_CHANNELS],
+                "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae_init = comfy.sd.VAE.__init__
+
+    def init(self, sd=None, device=None, config=None, dtype=None, metadata=None):
+        w = sd.get("encoder.conv_in.weight") if config is None and sd is not None else None
+        if w is not None and w.shape[0] == TINY_CHANNELS[0]:
+            config = {"params": {"embed_dim": 4, "ddconfig": ddconfig}}
+        vae_init(self, sd=sd, device=device, config=config, dtype=dtype, metadata=metadata)
+
+    comfy.sd.VAE.__init__ = init
+
+    import comfy.cldm.cldm as cldm
+    import comfy.ops
+    import torch.nn as nn
+
+    cn_init = cldm.ControlNet.__init__
+
+    def cn(self, *args, **kwargs):                         # ComfyUI's hint encoder widths are fixed (16, 32, 96, 256)
+        cn_init(self, *args, **kwargs)
+        names = ("image_size", "in_channels", "model_channels", "hint_channels")
+        a = {**dict(zip(names, args)), **kwargs}
+        if a["model_channels"] != TINY_CHANNELS[0]:
+            return
+        ops, dims = a.get("operations", comfy.ops.disable_weight_init), a.get("dims", 2)
+        c = HINT_CHANNELS
+        convs = [(a["hint_channels"], c[0], 1)] + [x for i in range(len(c) - 1)
+                                                   for x in ((c[i], c[i], 1), (c[i], c[i + 1], 2))]
+        layers = []
+        for cin, cout, stride in convs + [(c[-1], a["model_channels"], 1)]:
+            layers += [ops.conv_nd(dims, cin, cout, 3, padding=1, stride=stride, dtype=self.dtype,
+                                   device=a.get("device")), nn.SiLU()]
+        self.input_hint_block = cldm.TimestepEmbedSequential(*layers[:-1])
+
+    cldm.ControlNet.__init__ = cn
+
+
 # ====================================================================================================== the standard set
 def _write_role(role: str, path: str) -> None:
     seed = _SEEDS.get(role, 0)
@@ -619,6 +710,8 @@ def _write_role(role: str, path: str) -> None:
         write_sd15_checkpoint(path, "base", seed=seed, attention_levels=SD15_ATTENTION)
     elif role == "t2i_adapter_canny":
         write_t2i_adapter(path, seed=seed, in_channels=1)
+    elif role == "lora_sd15":
+        write_lora(path, seed=seed)
     else:
         raise ValueError(f"unknown stand-in role {role!r}; known: {sorted(STANDIN_FILES)}")
 

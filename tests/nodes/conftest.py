@@ -26,7 +26,7 @@ def comfy_env(tmp_path_factory):
     from tools.standins import ensure_standins
 
     models = tmp_path_factory.mktemp("models")
-    for key in ("checkpoints", "controlnet", "diffusers", "animatediff_models", "t2i_adapter"):
+    for key in ("checkpoints", "controlnet", "diffusers", "animatediff_models", "t2i_adapter", "loras"):
         os.makedirs(models / key, exist_ok=True)
         folder_paths.add_model_folder_path(key if key != "t2i_adapter" else "controlnet", str(models / key),
                                            is_default=key != "t2i_adapter")
@@ -53,17 +53,12 @@ def base(N):
 
 @pytest.fixture(scope="module")
 def native_sd15(comfy_env):
-    """The full-attention SD1.5 stand-in (``dreamshaper_8.safetensors``) loaded by ComfyUI itself, as
-    CheckpointLoaderSimple loads it: a native MODEL (ModelPatcher). ComfyUI detects SD1.5 by its real widths
-    (model_channels 320, context_dim 768), so a test-only supported-model entry with the stand-in's widths (32, 32)
-    is registered first; the text encoder is not loaded (its width does not fit ComfyUI's SD1 CLIP), so tests build
-    CONDITIONING from the VB model's text encoder."""
-    import comfy.sd
-    import comfy.supported_models as sm
-    import folder_paths
+    """The full-attention SD1.5 stand-in (``dreamshaper_8.safetensors``) loaded by ComfyUI's own
+    CheckpointLoaderSimple: (MODEL, CLIP, VAE). ComfyUI detects SD1.5 by its real widths, so
+    ``tools.standins.teach_comfyui`` first teaches it the stand-in widths (as ``tools/comfy_standins`` does in a
+    server)."""
+    import nodes
+    from tools.standins import teach_comfyui
 
-    if not any(m.__name__ == "StandinSD15" for m in sm.models):
-        sm.models.insert(0, type("StandinSD15", (sm.SD15,), {"unet_config": dict(sm.SD15.unet_config, context_dim=32,
-                                                                                   model_channels=32)}))
-    path = folder_paths.get_full_path("checkpoints", "dreamshaper_8.safetensors")
-    return comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+    teach_comfyui()
+    return nodes.CheckpointLoaderSimple().load_checkpoint("dreamshaper_8.safetensors")[:3]

@@ -10,6 +10,12 @@ FULL = "dreamshaper_8.safetensors"
 
 
 @pytest.fixture(scope="module")
+def model(native_sd15):
+    """The native MODEL of the full-attention stand-in (CheckpointLoaderSimple)."""
+    return native_sd15[0]
+
+
+@pytest.fixture(scope="module")
 def vb_full(N):
     return run(N["VBLoadImageModel"], model_name=FULL, dtype="fp32", vae_dtype="fp32")[0]
 
@@ -31,39 +37,54 @@ def same_state(a, b):
 
 
 @torch.no_grad()
-def test_native_eps_equals_the_diffusers_backend(native_sd15, vb_full):
+def test_clip_text_encode_equals_the_vb_text_encoder(native_sd15, vb_full):
+    """ComfyUI's CLIP (CheckpointLoaderSimple + CLIPTextEncode) and the VB text encoder read the same checkpoint into
+    the same prompt embedding: the tokenizers, padding and final layer norm agree, so native CONDITIONING and VB
+    prompts guide alike."""
+    import nodes
+    from videobridge.nodes import runtime
+
+    for prompt in ("a red fox running through fresh snow, photograph", ""):
+        theirs = nodes.CLIPTextEncode().encode(native_sd15[1], prompt)[0][0][0]
+        ours = runtime.encode(vb_full, [prompt])
+        assert theirs.shape == ours.shape == (1, 77, 32)
+        assert float((theirs - ours).abs().max()) < 1e-4 * float(ours.abs().max()), prompt
+
+
+@torch.no_grad()
+def test_native_eps_equals_the_diffusers_backend(model, vb_full):
     from videobridge.core.denoisers import Branch, UNet2DDenoiser, cfg
     from videobridge.nodes import native, runtime
 
-    sched = native.schedule_of(native_sd15, "model")
+    sched = native.schedule_of(model, "model")
     x = torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
     text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
     positive, negative = conds(vb_full, "a cat", "")
     for t in (981, 501, 21):
         ours = UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule)(x, t, cfg(Branch(text), Branch(null), 7.5))
-        theirs = native.run(native_sd15, positive, negative, 7.5, x, [t], sched, lambda d: d(x, t, native.GUIDANCE))
+        theirs = native.run(model, positive, negative, 7.5, x, [t], sched, lambda d: d(x, t, native.GUIDANCE))
         # float32 rounding: 1.4e-5 relative at t = 981, where the k-diffusion round trip x_k = x_t / sqrt(abar),
         # eps = (x_k - D) / sigma works at sigma = 14.6; a wrong sigma, timestep or scaling is off by > 1e-2
         assert float((ours - theirs).abs().max() / ours.abs().max()) < 5e-5, t
 
 
-def test_native_inversion_matches_the_vb_inversion_and_its_metadata(N, native_sd15, vb_full):
+def test_native_inversion_matches_the_vb_inversion_and_its_metadata(N, model, vb_full):
     lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
-    before = state(native_sd15)
+    before = state(model)
     ours = invert(N, lat, "image model (frame-wise)", image_model=vb_full)
-    theirs = invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=conds(vb_full, "")[0])
+    theirs = invert(N, lat, "image model (frame-wise)", model=model, conditioning=conds(vb_full, "")[0])
     assert {k: theirs[k] for k in ("vb_timestep", "vb_schedule", "vb_grid")} == \
         {k: ours[k] for k in ("vb_timestep", "vb_schedule", "vb_grid")}
     a, b = ours["samples"], theirs["samples"]
     assert float((a - b).abs().max() / a.abs().max()) < 1e-4
-    assert same_state(before, state(native_sd15))
+    assert same_state(before, state(model))
 
 
-def test_a_cancel_leaves_the_model_as_it_was(N, native_sd15, vb_full, monkeypatch):
+def test_a_cancel_leaves_the_model_as_it_was(N, model, vb_full, monkeypatch):
     import comfy.model_management as mm
 
     lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
-    before = state(native_sd15)
+    before = state(model)
     calls = []
 
     def interrupt():
@@ -73,56 +94,40 @@ def test_a_cancel_leaves_the_model_as_it_was(N, native_sd15, vb_full, monkeypatc
 
     monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt)
     with pytest.raises(mm.InterruptProcessingException):
-        invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=conds(vb_full, "")[0], steps=4)
-    assert same_state(before, state(native_sd15))
+        invert(N, lat, "image model (frame-wise)", model=model, conditioning=conds(vb_full, "")[0], steps=4)
+    assert same_state(before, state(model))
 
 
-def test_bad_native_inputs_name_the_input(N, native_sd15, vb_full):
+def test_bad_native_inputs_name_the_input(N, model, vb_full):
     import comfy.latent_formats
 
     lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
     c = conds(vb_full, "")[0]
     with pytest.raises(ValueError, match="VBDDIMInvert: conditioning: a native model needs"):
-        invert(N, lat, "image model (frame-wise)", model=native_sd15)
+        invert(N, lat, "image model (frame-wise)", model=model)
     with pytest.raises(ValueError, match="VBDDIMInvert: model and image_model are both connected"):
-        invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=c, image_model=vb_full)
+        invert(N, lat, "image model (frame-wise)", model=model, conditioning=c, image_model=vb_full)
     with pytest.raises(ValueError, match="VBDDIMInvert: model: a native MODEL inverts frame-wise"):
-        invert(N, lat, "video model (whole clip)", model=native_sd15, conditioning=c)
-    sdxl = native_sd15.clone()
+        invert(N, lat, "video model (whole clip)", model=model, conditioning=c)
+    sdxl = model.clone()
     sdxl.model = type("Fake", (), {"latent_format": comfy.latent_formats.SDXL(), "model_config": object()})()
     with pytest.raises(ValueError, match="VBDDIMInvert: model: this MODEL is object \\(SDXL latents\\); only SD1.5"):
         invert(N, lat, "image model (frame-wise)", model=sdxl, conditioning=c)
 
 
-def tiny_lora(model, seed=0) -> dict:
-    """A rank-4 LoRA in the kohya layout real SD1.5 LoRAs use (``lora_unet_<diffusers name>.lora_up/down``, alpha)
-    on every cross-attention key projection of the stand-in UNet."""
-    import comfy.lora
-
-    g, out = torch.Generator().manual_seed(seed), {}
-    weights = model.model.state_dict()
-    for key, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
-        if key.startswith("lora_unet_") and "_blocks_" in key and target.endswith("attn2.to_k.weight"):
-            w = weights[target]
-            out[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], 4, generator=g)
-            out[f"{key}.lora_down.weight"] = torch.randn(4, w.shape[1], generator=g)
-            out[f"{key}.alpha"] = torch.tensor(4.0)
-    assert out
-    return out
-
-
-def test_a_lora_changes_the_inversion_and_leaves_the_base_model_untouched(N, native_sd15, vb_full):
-    """LoraLoader's result (a patched clone) changes the output; the MODEL it was applied to still gives the
-    original output bit for bit afterwards, with its patches and weights as before."""
-    import comfy.sd
+def test_a_lora_changes_the_inversion_and_leaves_the_base_model_untouched(N, model, vb_full):
+    """LoraLoader with the kohya-layout stand-in LoRA file (``loras/add_detail.safetensors``): its patched clone
+    changes the output; the MODEL it was applied to still gives the original output bit for bit afterwards, with its
+    patches and weights as before."""
+    import nodes
 
     lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
     c = conds(vb_full, "")[0]
-    before = state(native_sd15)
-    plain = invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=c)["samples"]
-    lora_model, _ = comfy.sd.load_lora_for_models(native_sd15, None, tiny_lora(native_sd15), 1.0, 0.0)
+    before = state(model)
+    plain = invert(N, lat, "image model (frame-wise)", model=model, conditioning=c)["samples"]
+    lora_model = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "add_detail.safetensors", 1.0)[0]
     with_lora = invert(N, lat, "image model (frame-wise)", model=lora_model, conditioning=c)["samples"]
-    again = invert(N, lat, "image model (frame-wise)", model=native_sd15, conditioning=c)["samples"]
+    again = invert(N, lat, "image model (frame-wise)", model=model, conditioning=c)["samples"]
     assert float((with_lora - plain).abs().max()) > 1e-3
     assert torch.equal(again, plain)
-    assert same_state(before, state(native_sd15)) and lora_model.patches is not native_sd15.patches
+    assert same_state(before, state(model)) and lora_model.patches is not model.patches

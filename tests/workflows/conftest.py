@@ -89,7 +89,7 @@ def comfy():
             pytest.fail(msg)
         pytest.skip(msg)
     models_dir = _standin_models_dir(python)
-    srv = ComfyServer(comfy_dir, python=python, models_dir=models_dir, cpu=True, check_imports=False)
+    srv = ComfyServer(comfy_dir, python=python, models_dir=models_dir, cpu=True, check_imports=False, standins=True)
     h, w = TEST_CLIP_SIZE
     write_video(srv.input_path(TEST_CLIP), synthetic_clip(TEST_CLIP_FRAMES, h, w), fps=TEST_CLIP_FPS)
     write_still(srv.input_path(TEST_CLIP), srv.input_path(TEST_IMAGE))
