@@ -120,6 +120,62 @@ def controlnet_zeroscope():
     ], bivdiff_stages([5, 9], [6, 7, 8], 10)
 
 
+LORA = "add_detail.safetensors"
+
+
+def native_controlnet_zeroscope():
+    stem = "bivdiff_native_controlnet_zeroscope"
+    return stem, ("BIVDiff with ComfyUI's own models: checkpoint + LoRA + ControlNet (Canny) through KSampler "
+                  "frame-wise, ZeroScope temporal smoothing"), [
+        bivdiff_note("controllable generation with ComfyUI's own nodes for the frame-wise stage. The checkpoint, "
+                     "its LoRA, the prompts (weights like (word:1.2), embeddings) and the ControlNet are core "
+                     "ComfyUI: KSampler draws every frame as one batch. The pack then inverts those frames with the "
+                     "same MODEL (LoRA included) and with ZeroScope, mixes the two, and ZeroScope smooths them into "
+                     "one consistent video. Swap in any SD1.5 checkpoint, LoRA or ControlNet the usual way.",
+                     [f"checkpoints/{BASE}: any SD1.5 checkpoint (CheckpointLoaderSimple: MODEL, CLIP, VAE).",
+                      f"loras/{LORA}: any SD1.5 LoRA (set both strengths to 0, or bypass the node, to run "
+                      "without).",
+                      f"controlnet/{CANNY}: ControlNet v1.1 canny (lllyasviel).",
+                      f"{ZEROSCOPE}/: the ZeroScope v2 576w diffusers folder (cerspense)."],
+                     "the KSampler prompt and the smoothing prompt describe the same video; the inversion prompt "
+                     "stays empty, as in the paper.", 1.0),
+        *VIDEO_IN,
+        (5, "Canny", {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (4, 0)}, "Canny hints"),
+        (6, "CheckpointLoaderSimple", {"ckpt_name": BASE}, {}, None),
+        (7, "LoraLoader", {"lora_name": LORA, "strength_model": 1.0, "strength_clip": 1.0},
+         {"model": (6, 0), "clip": (6, 1)}, None),
+        (8, "ControlNetLoader", {"control_net_name": CANNY}, {}, None),
+        (9, "VBLoadVideoModel", {"model_name": ZEROSCOPE}, {}, None),
+        (10, "CLIPTextEncode", {"text": FOX}, {"clip": (7, 1)}, "Prompt"),
+        (11, "CLIPTextEncode", {"text": ""}, {"clip": (7, 1)}, "Negative prompt"),
+        (12, "ControlNetApplyAdvanced", {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+         {"positive": (10, 0), "negative": (11, 0), "control_net": (8, 0), "image": (5, 0), "vae": (6, 2)}, None),
+        (13, "GetImageSize", {}, {"image": (4, 0)}, "Frames and size of the clip"),
+        (14, "EmptyLatentImage", {}, {"width": (13, 0), "height": (13, 1), "batch_size": (13, 2)},
+         "One latent per frame"),
+        (15, "KSampler", {"seed": 0, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform",
+                          "denoise": 1.0},
+         {"model": (7, 0), "positive": (12, 0), "negative": (12, 1), "latent_image": (14, 0)},
+         "Frame-wise KSampler (every frame on its own)"),
+        (16, "VAEDecode", {}, {"samples": (15, 0), "vae": (6, 2)}, None),
+        (17, "VAEEncode", {}, {"pixels": (16, 0), "vae": (6, 2)}, "Re-encode (BIVDiff's Z0)"),
+        (18, "CLIPTextEncode", {"text": ""}, {"clip": (7, 1)}, "Inversion prompt (empty)"),
+        (19, "VBDDIMInvert", {"invert_with": "image model (frame-wise)", "prompt": "", "steps": 50},
+         {"latent": (17, 0), "model": (7, 0), "conditioning": (18, 0), "video_model": (9, 0)},
+         "Image inversion (the same MODEL + LoRA)"),
+        (20, "VBDDIMInvert", {"invert_with": "video model (whole clip)", "prompt": "", "steps": 50},
+         {"latent": (17, 0), "video_model": (9, 0)}, "Video inversion"),
+        (21, "VBMixLatents", {"alpha": 1.0}, {"latent_image": (19, 0), "latent_video": (20, 0)}, "Mixed Inversion"),
+        (22, "VBVideoDenoise", {"prompt": FOX, "negative_prompt": "", "seed": 0, "steps": 50, "cfg": 7.5},
+         {"video_model": (9, 0), "latent": (21, 0)}, "Temporal smoothing"),
+        (23, "VAEDecode", {}, {"samples": (22, 0), "vae": (6, 2)}, None),
+        *video_out(24, (23, 0), stem, (16, 0)),
+    ], [("1 · Input video: frames and size", [1, 2, 3, 4]), ("2 · Models", [6, 7, 8, 9]),
+        ("3 · Frame-wise generation (core ComfyUI)", [5, 10, 11, 12, 13, 14, 15, 16, 17]),
+        ("4 · Mixed inversion", [18, 19, 20, 21]), ("5 · Temporal smoothing", [22, 23]),
+        ("6 · Output", [24, 25, 26])]
+
+
 LONG_FRAMES = 48
 
 
@@ -472,7 +528,7 @@ def workflow_file(stem: str) -> str:
     return os.path.join(ROOT, "workflows", stem)
 
 
-SPECS = [controlnet_zeroscope, t2iadapter_animatediff, ip2p_animatediff, prompt2prompt_zeroscope, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
+SPECS = [controlnet_zeroscope, native_controlnet_zeroscope, t2iadapter_animatediff, ip2p_animatediff, prompt2prompt_zeroscope, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
          long_clip_animatediff,
          evs_refine_lightning, jvid_text_to_video, lambda: jvid_text_to_video(zeroscope=True), i4vgen_text_to_video,
          i4vgen_image_to_video]
@@ -621,6 +677,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--thumbnails", action="store_true", help="run every workflow and save its output thumbnail")
+    ap.add_argument("--only", nargs="+", metavar="STEM", help="thumbnails of these workflows only (all are rewritten)")
     args = ap.parse_args(argv)
     from tools.comfy_env import ensure_env
 
@@ -643,6 +700,8 @@ def main(argv=None) -> int:
     if args.thumbnails:
         for make in SPECS:
             stem = make()[0]
+            if args.only and stem not in args.only:
+                continue
             rc = subprocess.call([sys.executable, os.path.join(TOOLS, "run_workflow.py"), stem,
                                   "--thumbnail", workflow_file(stem) + ".jpg"])
             if rc:

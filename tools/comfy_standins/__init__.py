@@ -6,7 +6,7 @@ pack a user installs, and real model files never match the stand-in widths."""
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # through the link
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)                    # last: ComfyUI's own top-level modules (nodes.py) stay first
 
