@@ -431,8 +431,8 @@ class VBDDIMInvert(io.ComfyNode):
         scale = latent_scale(video_model)
         z0 = runtime.from_latent(latent, "latent", scale, runtime.mm.get_torch_device())
         progress = runtime.Progress(steps)
-        z = native.run(model, conditioning, None, 1.0, z0, grid, schedule, lambda den: ddim_invert(
-            on_schedule(den, master), z0, grid, native.GUIDANCE, fixed_point_iters=fixed_point_iterations,
+        z = native.run(model, {"positive": conditioning}, z0, grid, schedule, lambda den: ddim_invert(
+            on_schedule(den, master), z0, grid, single(Branch("positive")), fixed_point_iters=fixed_point_iterations,
             legacy_grid=legacy_grid, callbacks=progress.callbacks))
         bank = FeatureBank(z0.shape[2], tuple(z0.shape[-2:]), master)
         return io.NodeOutput(runtime.to_latent(z, scale, timestep=grid[0], schedule=master, grid=grid), bank)

@@ -1,21 +1,25 @@
-"""ComfyUI's own models as core denoisers: a native ``MODEL`` with ``CONDITIONING`` presented to the core samplers as
-``eps = denoiser(x_t, t, guidance, step=i)``.
+"""ComfyUI's own models as core denoisers: a native ``MODEL`` with named ``CONDITIONING`` presented to the core
+samplers as ``eps = denoiser(x_t, t, guidance, step=i)``.
 
 The core loop runs INSIDE ComfyUI's sampler machinery: ``run`` starts a ``comfy.samplers.CFGGuider`` (the guider
 KSampler uses) with a ``KSAMPLER`` whose sampler function is the core loop. ComfyUI therefore loads the model and
 its additional models, processes the conds (ControlNet / T2I-Adapter / IPAdapter / area conds, hooks), applies
-LoRAs and model patches on its cloned patcher and cleans everything up, also after an exception or Cancel; the
-user's MODEL object is never touched. Each core denoiser call converts between the core's DDPM parametrisation and
-ComfyUI's k-diffusion one through the model's own ``model_sampling``:
+LoRAs, model patches and wrappers (AnimateDiff-Evolved injects its motion module this way) on its cloned patcher
+and cleans everything up, also after an exception or Cancel; the user's MODEL object is never touched.
 
-    sigma = sqrt((1 - abar(t)) / abar(t)),   x_k = x_t / sqrt(abar(t)),   eps = (x_k - D(x_k, sigma)) / sigma
+Guidance stays the core's: a ``Branch`` whose ``text`` is the NAME of one of the conds given to ``run`` (``cfg(
+Branch("positive"), Branch("negative"), g)``, see ``guidance``). Every call evaluates all branches of the guidance in
+one ``comfy.samplers.calc_cond_batch`` (ComfyUI's batched cond evaluation, with its cond/uncond batching, ControlNet
+and model wrappers) and combines them as the VB backend does. Each call converts between the core's DDPM
+parametrisation and ComfyUI's k-diffusion one through the model's own ``model_sampling``:
 
-where D is the guided denoised prediction of ComfyUI's ``sampling_function`` (CFG over the positive and negative
-conds). The model turns sigma back into the integer timestep t (nearest entry of its sigma table), so it is
-evaluated at exactly the core's timesteps. Latents are the core's scaled ``[1, 4, F, h, w]``; frames are the batch.
+    sigma = sqrt((1 - abar(t)) / abar(t)),   x_k = x_t / sqrt(abar(t)),   eps_k = (x_k - D_k(x_k, sigma)) / sigma
 
-Scope of this first native path: SD1.5-family epsilon models (ComfyUI ``latent_formats.SD15``); the guidance is the
-run's conds and cfg, so the ``Guidance`` argument of the protocol is not read (one CFG pair per run).
+The model turns sigma back into the integer timestep t (nearest entry of its sigma table), so it is evaluated at
+exactly the core's timesteps. Latents are the core's scaled ``[1, 4, F, h, w]``; frames are the batch, all of them
+in one call (a motion-injected MODEL sees the whole clip). Scope: SD1.5-family epsilon models (ComfyUI
+``latent_formats.SD15``). Sampler-level CFG patches (``sampler_cfg_function``, e.g. RescaleCFG) do not apply: the
+methods' guidance is their own.
 """
 from __future__ import annotations
 
@@ -28,11 +32,12 @@ import comfy.samplers
 import torch
 from einops import rearrange
 
-from ..core.denoisers import Branch, single
+from ..core.denoisers import Branch, Guidance, _combine, cfg
 from ..core.schedule import NoiseSchedule, Timestep
 
-GUIDANCE = single(Branch(torch.zeros(1, 1, 1), role="cond"))
-"""The ``Guidance`` core functions pass to a ``NativeDenoiser``: a placeholder (the run's conds and cfg guide)."""
+def guidance(cfg_scale: float) -> Guidance:
+    """Classifier-free guidance over the conds ``run`` gets as ``positive`` and ``negative``."""
+    return cfg(Branch("positive"), Branch("negative"), cfg_scale)
 
 
 def schedule_of(model, name: str) -> NoiseSchedule:
@@ -67,46 +72,53 @@ def sigma_of(schedule: NoiseSchedule, t: Timestep) -> float:
 
 
 class NativeDenoiser:
-    """Core image denoiser over ComfyUI's guided model inside a running sampler (``run``): frames are the batch.
+    """Core denoiser over ComfyUI's model inside a running sampler (``run``): frames are the batch.
 
-    model_k: the sampler's model callable ``(x_k, sigma, **extra_args) -> denoised``; schedule: the core schedule
-    (``schedule_of``). ``calls`` counts the guided evaluations.
+    guider: the running CFGGuider (its ``inner_model`` and processed ``conds`` by name); model_options: the sampler's;
+    schedule: the core schedule (``schedule_of``); kind: "image" (frame-wise SD1.5) or "video" (a motion-injected
+    MODEL: the core treats it as a video denoiser). ``calls`` counts the batched evaluations.
     """
-    kind = "image"
 
-    def __init__(self, model_k, extra_args: dict, schedule: NoiseSchedule):
-        self.model_k, self.extra_args, self.schedule = model_k, extra_args, schedule
+    def __init__(self, guider, model_options: dict, schedule: NoiseSchedule, kind: str = "image"):
+        self.guider, self.model_options, self.schedule, self.kind = guider, model_options, schedule, kind
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: Timestep, guidance=None, step: Optional[int] = None) -> torch.Tensor:
-        """Guided eps ``[1, 4, F, h, w]`` float32 at timestep ``t`` (0..999) for the scaled latent ``x``."""
+    def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance, step: Optional[int] = None) -> torch.Tensor:
+        """Guided eps ``[1, 4, F, h, w]`` float32 (or ``[K, 4, F, h, w]`` with ``combine=False``) at timestep ``t``
+        (0..999) for the scaled latent ``x``; the branches name conds given to ``run``. Raises KeyError naming an
+        unknown cond."""
+        conds = self.guider.conds
+        missing = [b.text for b in guidance.branches if b.text not in conds]
+        if missing:
+            raise KeyError(f"guidance names conds {missing} that the run was not given ({sorted(conds)})")
         sigma = sigma_of(self.schedule, t)
         frames = rearrange(x, "b c f h w -> (b f) c h w")
         xk = frames * math.sqrt(1.0 + sigma * sigma)                    # x_t / sqrt(abar)
         s = torch.full((frames.shape[0],), sigma, device=frames.device, dtype=torch.float32)
-        denoised = self.model_k(xk, s, **self.extra_args).float()
+        outs = comfy.samplers.calc_cond_batch(self.guider.inner_model, [conds[b.text] for b in guidance.branches],
+                                              xk, s, self.model_options)
         self.calls += 1
-        eps = (xk - denoised) / sigma
-        return rearrange(eps, "(b f) c h w -> b c f h w", b=x.shape[0])
+        eps = torch.stack([(xk - d.float()) / sigma for d in outs])      # [K, F, c, h, w]
+        return _combine(rearrange(eps, "k f c h w -> k c f h w"), guidance)
 
 
-def run(model, positive, negative, cfg: float, latent: torch.Tensor, timesteps, schedule: NoiseSchedule,
-        loop: Callable[[NativeDenoiser], torch.Tensor], seed: int = 0) -> torch.Tensor:
+def run(model, conds: dict, latent: torch.Tensor, timesteps, schedule: NoiseSchedule,
+        loop: Callable[[NativeDenoiser], torch.Tensor], kind: str = "image", seed: int = 0) -> torch.Tensor:
     """Run ``loop(denoiser)`` (a core sampler or inversion on the scaled latent ``[1, 4, F, h, w]`` it closes over)
-    inside ComfyUI's CFGGuider for ``model`` with ``positive`` / ``negative`` conds at ``cfg`` (negative may be None
-    at cfg 1). ``latent`` gives the batch shape and device; ``timesteps`` (the core grid, 0..999) become the
-    sampler's sigmas, which model patches read. Returns what ``loop`` returns, float32."""
+    inside ComfyUI's CFGGuider for ``model`` with ``conds`` (name -> CONDITIONING; the guidance's branches name
+    them). ``latent`` gives the batch shape and device; ``timesteps`` (the core grid, 0..999) become the sampler's
+    sigmas, which model patches read. Returns what ``loop`` returns."""
     frames = rearrange(latent, "b c f h w -> (b f) c h w")
     sigmas = torch.tensor([sigma_of(schedule, t) for t in timesteps] + [0.0], dtype=torch.float32)
     out = {}
 
     def sampler_function(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
-        out["x"] = loop(NativeDenoiser(model_k, extra_args or {}, schedule))
+        guider = model_k.inner_model                                    # KSamplerX0Inpaint -> the CFGGuider
+        out["x"] = loop(NativeDenoiser(guider, (extra_args or {}).get("model_options", {}), schedule, kind))
         return noise
 
     guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative if negative is not None else positive)
-    guider.set_cfg(cfg)
+    guider.inner_set_conds(conds)
     guider.sample(torch.zeros_like(frames), torch.zeros_like(frames), comfy.samplers.KSAMPLER(sampler_function),
                   sigmas, seed=seed)
-    return out["x"].float()
+    return out["x"]

@@ -62,7 +62,8 @@ def test_native_eps_equals_the_diffusers_backend(model, vb_full):
     positive, negative = conds(vb_full, "a cat", "")
     for t in (981, 501, 21):
         ours = UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule)(x, t, cfg(Branch(text), Branch(null), 7.5))
-        theirs = native.run(model, positive, negative, 7.5, x, [t], sched, lambda d: d(x, t, native.GUIDANCE))
+        theirs = native.run(model, {"positive": positive, "negative": negative}, x, [t], sched,
+                            lambda d: d(x, t, native.guidance(7.5)))
         # float32 rounding: 1.4e-5 relative at t = 981, where the k-diffusion round trip x_k = x_t / sqrt(abar),
         # eps = (x_k - D) / sigma works at sigma = 14.6; a wrong sigma, timestep or scaling is off by > 1e-2
         assert float((ours - theirs).abs().max() / ours.abs().max()) < 5e-5, t
@@ -131,3 +132,35 @@ def test_a_lora_changes_the_inversion_and_leaves_the_base_model_untouched(N, mod
     assert float((with_lora - plain).abs().max()) > 1e-3
     assert torch.equal(again, plain)
     assert same_state(before, state(model)) and lora_model.patches is not model.patches
+
+
+@torch.no_grad()
+def test_native_controlnet_conds_and_separate_branches_equal_the_vb_backend(N, model, vb_full):
+    """A ControlNet applied the ComfyUI way (ControlNetLoader + ControlNetApplyAdvanced on the conds) gives the same
+    eps as the VB ControlNet on the same file, hint and strength; and ``combine=False`` returns each branch's eps
+    (I4VGen's scorer reads them separately), in branch order."""
+    import nodes
+    from videobridge.core.denoisers import Branch, Guidance, UNet2DDenoiser, cfg
+    from videobridge.nodes import native, runtime
+
+    from .test_nodes import CANNY
+
+    sched = native.schedule_of(model, "model")
+    x = torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(1))
+    hint = torch.rand(FRAMES, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(2))
+    text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
+    positive, negative = conds(vb_full, "a cat", "")
+    cn = nodes.ControlNetLoader().load_controlnet(CANNY)[0]
+    pos_c, neg_c = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, cn, hint, 0.8, 0.0, 1.0)
+    vb_cn = run(N["VBLoadControlNet"], control_net_name=CANNY, dtype="fp32")[0]
+    control = runtime.hints_to_core(hint, "hints", FRAMES, (SIZE, SIZE))
+    ours = UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule, controlnet=vb_cn.model, control_scale=0.8)(
+        x, 501, cfg(Branch(text, control=control), Branch(null, control=control), 7.5))
+    plain = UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule)(x, 501, cfg(Branch(text), Branch(null), 7.5))
+    theirs, apart = native.run(model, {"positive": pos_c, "negative": neg_c}, x, [501], sched, lambda d: (
+        d(x, 501, native.guidance(7.5)),
+        d(x, 501, Guidance([Branch("negative"), Branch("positive")], [0.0, 1.0], combine=False))))
+    assert float((ours - plain).abs().max()) > 1e-2 * float(ours.abs().max())          # the ControlNet acts
+    assert float((ours - theirs).abs().max() / ours.abs().max()) < 5e-5
+    assert apart.shape == (2, 4, FRAMES, SIZE // 8, SIZE // 8)
+    assert torch.allclose(apart[0] + 7.5 * (apart[1] - apart[0]), theirs[0], rtol=1e-4, atol=1e-4)
