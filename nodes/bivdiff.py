@@ -500,7 +500,9 @@ class VBVideoDenoise(io.ComfyNode):
                         "injects the inversion's attention features (EVS Selective Feature Injection) at every step "
                         "the bank holds.",
             inputs=[
-                types.VideoModel.Input("video_model", tooltip="AnimateDiff or ZeroScope/ModelScope video model."),
+                types.VideoModel.Input("video_model", optional=True,
+                                       tooltip="AnimateDiff or ZeroScope/ModelScope video model (or connect a native "
+                                               "motion MODEL to model instead)."),
                 io.Latent.Input("latent", tooltip="Noisy latent from VBMixLatents/VBDDIMInvert, or a clean latent."),
                 io.String.Input("prompt", multiline=True, default="", tooltip="Video prompt P* (the VDM's prompt)."),
                 io.String.Input("negative_prompt", multiline=True, default="",
@@ -516,27 +518,32 @@ class VBVideoDenoise(io.ComfyNode):
                 widgets.attention_bank_input(),
                 widgets.sfi_gamma(),
                 widgets.sfi_layers([widgets.ALL_IN_BANK, *widgets.PRESETS], widgets.ALL_IN_BANK),
+                io.Model.Input("model", optional=True,
+                               tooltip="A native SD1.5 MODEL with a motion module injected (AnimateDiff-Evolved's "
+                                       "Apply AnimateDiff Model / Use Evolved Sampling, with its context options) as "
+                                       "the video model, instead of video_model; its prompts are then positive and "
+                                       "negative. The whole clip is one batch."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Video prompt P* for a native model (CLIPTextEncode)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Negative prompt for a native model (needed when cfg > 1)."),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="Clean latent video (unscaled; VAEDecode-able).")])
 
     @classmethod
-    def execute(cls, video_model, latent, prompt, negative_prompt, seed, steps, cfg, strength, attention_bank=None,
-                sfi_gamma=0.5, sfi_layers=widgets.ALL_IN_BANK) -> io.NodeOutput:
+    def execute(cls, latent, prompt, negative_prompt, seed, steps, cfg, strength, video_model=None,
+                attention_bank=None, sfi_gamma=0.5, sfi_layers=widgets.ALL_IN_BANK, model=None, positive=None,
+                negative=None) -> io.NodeOutput:
         node = "VBVideoDenoise"
+        if (video_model is None) == (model is None):
+            raise ValueError(f"{node}: video_model / model: connect one video model, either a VB video model "
+                             "(VBLoadVideoModel) or a native MODEL with a motion module; "
+                             f"{'both are' if model is not None else 'neither is'} connected")
+        if model is not None:
+            return cls.native(node, latent, seed, steps, cfg, strength, attention_bank, model, positive, negative)
         vm = video_model.model
-        grid = vm.schedule.timesteps(steps, vm.spacing)
+        grid = cls.grid(node, latent, vm.schedule, vm.spacing, steps, strength)
         noisy = runtime.is_noisy(latent)
-        if noisy:
-            if latent["vb_schedule"] != vm.schedule.describe():
-                raise ValueError(f"{node}: latent: it was inverted on a {latent['vb_schedule']['beta_schedule']} "
-                                 f"schedule but this video model uses {vm.schedule.beta_schedule}; connect this "
-                                 "video_model to VBDDIMInvert")
-            if list(latent["vb_grid"]) != grid:
-                raise ValueError(f"{node}: latent: it sits at timestep {latent['vb_timestep']} of a "
-                                 f"{len(latent['vb_grid'])}-step grid, but steps = {steps} starts at {grid[0]}; use "
-                                 f"steps = {len(latent['vb_grid'])} as in VBDDIMInvert")
-        else:
-            grid = vm.schedule.timesteps(steps, vm.spacing, strength)
         scale = latent_scale(video_model)
         z = runtime.from_latent(latent, "latent", scale, runtime.mm.intermediate_device())
         denoiser = runtime.video_denoiser(video_model)
@@ -567,3 +574,47 @@ class VBVideoDenoise(io.ComfyNode):
                 noise = video_noise(denoiser, initial_noise(z.shape, seed), seed).to(device)
                 out = sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
         return io.NodeOutput(runtime.to_latent(out, scale))
+
+    @staticmethod
+    def grid(node, latent, schedule, spacing, steps, strength) -> list:
+        """The sampler grid: the inversion's for a noisy latent (checked against this model's schedule and steps),
+        the SDEdit share ``strength`` of the grid for a clean one."""
+        grid = schedule.timesteps(steps, spacing)
+        if not runtime.is_noisy(latent):
+            return schedule.timesteps(steps, spacing, strength)
+        if latent["vb_schedule"] != schedule.describe():
+            raise ValueError(f"{node}: latent: it was inverted on a {latent['vb_schedule']['beta_schedule']} "
+                             f"schedule but this video model uses {schedule.beta_schedule}; connect this "
+                             "video model to VBDDIMInvert")
+        if list(latent["vb_grid"]) != grid:
+            raise ValueError(f"{node}: latent: it sits at timestep {latent['vb_timestep']} of a "
+                             f"{len(latent['vb_grid'])}-step grid, but steps = {steps} starts at {grid[0]}; use "
+                             f"steps = {len(latent['vb_grid'])} as in VBDDIMInvert")
+        return grid
+
+    @classmethod
+    def native(cls, node, latent, seed, steps, cfg, strength, attention_bank, model, positive, negative):
+        """Temporal smoothing (or SDEdit) with a native motion-injected MODEL (``nodes.native``, kind "video"): the
+        same core sampler on the same grid as with a VB video model on the SD1.5 schedule."""
+        if positive is None or (cfg > 1 and negative is None):
+            raise ValueError(f"{node}: {'positive' if positive is None else 'negative'}: a native model takes its "
+                             "prompts as CONDITIONING (CLIPTextEncode); the negative one is needed when cfg > 1")
+        if attention_bank is not None:
+            raise ValueError(f"{node}: attention_bank: Selective Feature Injection runs on VB video models only; "
+                             "disconnect it or use VBLoadVideoModel")
+        schedule = native.schedule_of(model, f"{node}: model")
+        grid = cls.grid(node, latent, schedule, "leading", steps, strength)
+        scale = latent_scale()
+        z = runtime.from_latent(latent, "latent", scale, runtime.mm.get_torch_device())
+        progress = runtime.Progress(len(grid))
+        guidance = native.guidance(cfg)
+        conds = {"positive": positive, **({"negative": negative} if negative is not None else {})}
+
+        def loop(denoiser):
+            if runtime.is_noisy(latent):
+                return bivdiff.temporal_smoothing(denoiser, z, grid, guidance, callbacks=progress.callbacks)
+            noise = initial_noise(z.shape, seed).to(z.device)
+            return sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
+
+        return io.NodeOutput(runtime.to_latent(native.run(model, conds, z, grid, schedule, loop, kind="video",
+                                                          seed=seed), scale))

@@ -14,7 +14,7 @@ from ..core import jvid
 from ..core.denoisers import Branch, UNet2DDenoiser
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, vae_scale
-from . import runtime, types, widgets
+from . import native, runtime, types, widgets
 from .api import io
 from .bivdiff import latent_scale
 
@@ -74,11 +74,15 @@ class VBJVIDSample(io.ComfyNode):
                         "p_e and then towards p_f as sampling progresses. Optional entropy reduction (frame-shared "
                         "noise, gamma) and temporal latent smoothing. Outputs the latent and which model ran when.",
             inputs=[
-                types.ImageModel.Input("image_model", tooltip="Base SD1.5 checkpoint: the image model."),
+                types.ImageModel.Input("image_model", optional=True,
+                                       tooltip="Base SD1.5 checkpoint: the image model (or connect a native MODEL to "
+                                               "model instead)."),
                 types.VideoModel.Input("video_model",
                                        tooltip="AnimateDiff (default in the paper's spirit) or ZeroScope: its schedule "
                                                "is the sampler's; the image model follows by equal alpha-bar."),
-                io.String.Input("prompt", multiline=True, default="", tooltip="Prompt of the image model."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="Prompt of the image model (a native model takes positive/negative instead; "
+                                        "the video model then uses video_prompt, or this one when that is empty)."),
                 io.String.Input("video_prompt", multiline=True, default="",
                                 tooltip="Prompt of the video model (empty = the same prompt)."),
                 io.String.Input("negative_prompt", multiline=True, default="",
@@ -107,39 +111,58 @@ class VBJVIDSample(io.ComfyNode):
                                tooltip="How the image model is called at the video schedule's noise level: the nearest "
                                        "integer timestep of equal alpha-bar, or the interpolated float timestep.")),
                 widgets.frame_batch(),
+                io.Model.Input("model", optional=True,
+                               tooltip="A native SD1.5 MODEL (CheckpointLoaderSimple, LoRAs, patches) as the image "
+                                       "model, instead of image_model; its prompts are positive and negative."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Image-model prompt for a native model (CLIPTextEncode)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Image-model negative prompt for a native model (needed when cfg > 1)."),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The sampled latent video (VAEDecode-able)."),
                      io.String.Output(display_name="model_per_step",
                                       tooltip="Which model ran at each step (also shown under the node while it runs).")])
 
     @classmethod
-    def execute(cls, image_model, video_model, prompt, video_prompt, negative_prompt, seed, width, height, frames,
-                steps, cfg, preset, t_v, t_e, p_e, p_f, gamma, r_i, r_v, smoothing, c_s, gamma_on_all_steps,
-                image_timesteps, frame_batch_size) -> io.NodeOutput:
+    def execute(cls, video_model, prompt, video_prompt, negative_prompt, seed, width, height, frames, steps, cfg,
+                preset, t_v, t_e, p_e, p_f, gamma, r_i, r_v, smoothing, c_s, gamma_on_all_steps, image_timesteps,
+                frame_batch_size, image_model=None, model=None, positive=None, negative=None) -> io.NodeOutput:
         node = "VBJVIDSample"
-        m, vm = image_model.model, video_model.model
+        vm = video_model.model
         try:
             params = jvid_params(preset, smoothing, c_s, gamma_on_all_steps, steps, t_v=t_v, t_e=t_e, p_e=p_e,
                                  p_f=p_f, gamma=gamma, r_i=r_i, r_v=r_v)
             check_size("width/height", height, width)
         except ValueError as e:
             raise ValueError(f"{node}: {e}") from None
-        if m.variant != "base":
-            raise ValueError(f"{node}: image_model: JVID needs a base SD1.5 text-to-image model (4-channel UNet); "
-                             f"this is an {m.variant} model")
-        if vm.unet.config.in_channels != m.unet.config.in_channels or \
-                abs(latent_scale(video_model) - vae_scale(m.vae)) > 1e-6:
+        if (image_model is None) == (model is None):
+            raise ValueError(f"{node}: image_model / model: connect one image model, either a VB image model "
+                             "(VBLoadImageModel) or a native MODEL (CheckpointLoaderSimple); "
+                             f"{'both are' if model is not None else 'neither is'} connected")
+        if model is not None:
+            schedule, in_channels, scale = native.schedule_of(model, f"{node}: model"), 4, 0.18215
+            if positive is None or (cfg > 1 and negative is None):
+                raise ValueError(f"{node}: {'positive' if positive is None else 'negative'}: a native model takes "
+                                 "its prompts as CONDITIONING (CLIPTextEncode); the negative one is needed when "
+                                 "cfg > 1")
+            if image_timesteps == MAPPING[1]:
+                raise ValueError(f"{node}: image_timesteps: a native MODEL is evaluated at integer timesteps only; "
+                                 f"use '{MAPPING[0]}'")
+        else:
+            m = image_model.model
+            if m.variant != "base":
+                raise ValueError(f"{node}: image_model: JVID needs a base SD1.5 text-to-image model (4-channel "
+                                 f"UNet); this is an {m.variant} model")
+            schedule, in_channels, scale = m.schedule, m.unet.config.in_channels, vae_scale(m.vae)
+        if vm.unet.config.in_channels != in_channels or abs(latent_scale(video_model) - scale) > 1e-6:
             raise ValueError(f"{node}: video_model: its latents ({vm.unet.config.in_channels} channels, scale "
-                             f"{latent_scale(video_model)}) differ from the image model's ({m.unet.config.in_channels}, "
-                             f"{vae_scale(m.vae)}); both must use the SD VAE latent space")
+                             f"{latent_scale(video_model)}) differ from the image model's ({in_channels}, {scale}); "
+                             "both must use the SD VAE latent space")
         grid = vm.schedule.timesteps(steps, "leading")
         progress = runtime.Progress(steps)
-        text_i, null_i = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
         text_v, null_v = runtime.encode(video_model, [video_prompt or prompt, negative_prompt]).split(1)
         hw = (height // 8, width // 8)
-        device = runtime.load(image_model.unet, video_model.unet,
-                              rows=max(2 * frames, runtime.video_rows(video_model, frames, 1 + (cfg > 1))),
-                              latent_hw=hw)
+        shape = (1, 4, frames, height // 8, width // 8)
         counts = {True: 0, False: 0}
 
         def on_step(i, t, video):
@@ -147,15 +170,25 @@ class VBJVIDSample(io.ComfyNode):
             runtime.progress_text(f"step {i + 1}/{steps} (t = {t}): {'video' if video else 'image'} model\n"
                                   f"so far: video {counts[True]}, image {counts[False]}")
 
-        z, used = jvid.jvid_sample(
-            UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=runtime.frame_chunk(frame_batch_size, frames, 2, hw)),
-            runtime.video_denoiser(video_model), (1, 4, frames, height // 8, width // 8),
-            cfg_guidance(Branch(text_i), Branch(null_i), cfg), cfg_guidance(Branch(text_v), Branch(null_v), cfg),
-            seed, params, device=device, exact_mapping=image_timesteps == MAPPING[1],
-            callbacks=progress.callbacks, on_step=on_step)
+        def sample(image_denoiser, image_guidance, image_patcher=None):
+            device = runtime.load(image_patcher, video_model.unet, latent_hw=hw,
+                                  rows=max(2 * frames, runtime.video_rows(video_model, frames, 1 + (cfg > 1))))
+            return jvid.jvid_sample(
+                image_denoiser, runtime.video_denoiser(video_model), shape, image_guidance,
+                cfg_guidance(Branch(text_v), Branch(null_v), cfg), seed, params, device=device,
+                exact_mapping=image_timesteps == MAPPING[1], callbacks=progress.callbacks, on_step=on_step)
+
+        if model is not None:                     # the VB video model is loaded inside, after ComfyUI loaded MODEL
+            conds = {"positive": positive, **({"negative": negative} if negative is not None else {})}
+            z, used = native.run(model, conds, torch.zeros(shape), grid, schedule,
+                                 lambda den: sample(den, native.guidance(cfg)), seed=seed)
+        else:
+            text_i, null_i = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
+            z, used = sample(UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=runtime.frame_chunk(
+                frame_batch_size, frames, 2, hw)), cfg_guidance(Branch(text_i), Branch(null_i), cfg), image_model.unet)
         table = model_table(used, grid)
         runtime.progress_text(table.split("\n")[0])
-        return io.NodeOutput(runtime.to_latent(z, vae_scale(m.vae)), table)
+        return io.NodeOutput(runtime.to_latent(z, scale), table)
 
 
 class VBTemporalLatentSmoothing(io.ComfyNode):

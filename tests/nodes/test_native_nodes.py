@@ -1,10 +1,12 @@
 """Native ComfyUI models (nodes/native.py) on the same SD1.5 weights as the VB image model: the same guided eps to
 float32 rounding, the same frame-wise inversion with the same latent metadata, the user's MODEL left as it was (also
 after a Cancel), and models of other families refused."""
+import re
+
 import pytest
 import torch
 
-from .test_nodes import FRAMES, SIZE, STEPS, invert, run, video
+from .test_nodes import FRAMES, SIZE, STEPS, invert, run, video, zeroscope  # noqa: F401 (fixture)
 
 FULL = "dreamshaper_8.safetensors"
 
@@ -164,3 +166,107 @@ def test_native_controlnet_conds_and_separate_branches_equal_the_vb_backend(N, m
     assert float((ours - theirs).abs().max() / ours.abs().max()) < 5e-5
     assert apart.shape == (2, 4, FRAMES, SIZE // 8, SIZE // 8)
     assert torch.allclose(apart[0] + 7.5 * (apart[1] - apart[0]), theirs[0], rtol=1e-4, atol=1e-4)
+
+
+def smooth(N, latent, **kw):
+    args = dict(latent=latent, prompt="a cat", negative_prompt="", seed=0, steps=STEPS, cfg=7.5, strength=1.0)
+    args.update(kw)
+    return run(N["VBVideoDenoise"], **args)[0]
+
+
+def test_native_inversion_smooths_like_the_vb_inversion(N, model, vb_full, zeroscope):
+    """Mixed backends: the frame-wise inversion on the native MODEL, on ZeroScope's grid, carries the metadata
+    ZeroScope's smoothing checks, and smoothing it gives what smoothing the VB inversion gives, to rounding."""
+    lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
+    ours = invert(N, lat, "image model (frame-wise)", image_model=vb_full, video_model=zeroscope)
+    theirs = invert(N, lat, "image model (frame-wise)", model=model, conditioning=conds(vb_full, "")[0],
+                    video_model=zeroscope)
+    a, b = smooth(N, ours, video_model=zeroscope)["samples"], smooth(N, theirs, video_model=zeroscope)["samples"]
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-3
+
+
+def motion_injected(model, mix=0.5):
+    """An AnimateDiff-Evolved-style MODEL: a clone whose UNet call is wrapped (as motion modules are injected through
+    the patcher, never into the user's model) with a toy temporal layer that mixes every frame's output with the
+    clip mean, per cond/uncond chunk of the batch."""
+    m = model.clone()
+
+    def wrapper(apply_model, args):
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        clip = out.view(len(args["cond_or_uncond"]), -1, *out.shape[1:])
+        return ((1 - mix) * clip + mix * clip.mean(1, keepdim=True)).view(out.shape)
+
+    m.set_model_unet_function_wrapper(wrapper)
+    return m
+
+
+@torch.no_grad()
+def test_a_native_motion_model_smooths_the_whole_clip(N, model, vb_full):
+    """VBVideoDenoise on a native MODEL: without a motion module it equals the core smoothing with the VB UNet on the
+    same weights (so grid, scaling and guidance are wired alike); with a motion module injected the clip goes
+    through it as one batch (a change to frame 0 reaches the other frames); the models are left as they were."""
+    from videobridge.core.denoisers import Branch, UNet2DDenoiser, cfg
+    from videobridge.core.samplers import ddim_sample
+    from videobridge.nodes import runtime
+
+    lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
+    noisy = invert(N, lat, "image model (frame-wise)", model=model, conditioning=conds(vb_full, "")[0])
+    positive, negative = conds(vb_full, "a cat", "")
+    plain = smooth(N, noisy, model=model, positive=positive, negative=negative)["samples"]
+    text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
+    z = runtime.from_latent(noisy, "latent", 0.18215, "cpu")
+    ref = ddim_sample(UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule), z, noisy["vb_grid"],
+                      cfg(Branch(text), Branch(null), 7.5))          # what temporal smoothing runs, frame-wise
+    ref = runtime.to_latent(ref, 0.18215)["samples"]
+    assert float((plain - ref).abs().max() / ref.abs().max()) < 1e-4
+
+    before = state(model)
+    motion = motion_injected(model)
+    moved = smooth(N, noisy, model=motion, positive=positive, negative=negative)["samples"]
+    assert float((moved - plain).abs().max()) > 1e-2 * float(plain.abs().max())
+    poked = dict(noisy, samples=noisy["samples"].clone())
+    poked["samples"][0] += 1.0                                          # frame 0 only ([F, 4, h, w] batch layout)
+    frame_wise = smooth(N, poked, model=model, positive=positive, negative=negative)["samples"]
+    coupled = smooth(N, poked, model=motion, positive=positive, negative=negative)["samples"]
+    assert torch.equal(frame_wise[1:], plain[1:])                       # frame-wise: other frames untouched
+    assert float((coupled[1:] - moved[1:]).abs().max()) > 1e-3          # motion module: they move too
+    assert same_state(before, state(model))
+
+
+def test_bad_native_video_inputs_name_the_input(N, model, vb_full, zeroscope):
+    lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
+    noisy = invert(N, lat, "image model (frame-wise)", model=model, conditioning=conds(vb_full, "")[0])
+    positive, negative = conds(vb_full, "a cat", "")
+    with pytest.raises(ValueError, match="VBVideoDenoise: video_model / model: .* both are connected"):
+        smooth(N, noisy, model=model, video_model=zeroscope, positive=positive, negative=negative)
+    with pytest.raises(ValueError, match="VBVideoDenoise: video_model / model: .* neither is connected"):
+        smooth(N, noisy)
+    with pytest.raises(ValueError, match="VBVideoDenoise: negative: a native model takes its prompts"):
+        smooth(N, noisy, model=model, positive=positive)
+    with pytest.raises(ValueError, match="VBVideoDenoise: latent: .* steps = 3 starts at"):
+        smooth(N, noisy, model=model, positive=positive, negative=negative, steps=3)
+
+
+def test_jvid_on_a_native_image_model_equals_the_vb_image_model(N, model, vb_full, zeroscope):
+    """The mixture-of-denoisers sampler with the native MODEL as its image model gives the VB result on the same
+    weights (same steps chosen, latent to rounding); the image steps really use the native model (a LoRA on it
+    changes the result)."""
+    import nodes
+
+    from .test_jvid_nodes import sample
+
+    positive, negative = conds(vb_full, "a cat", "")
+    ours = sample(N, vb_full, zeroscope, steps=4, t_v=0.25, t_e=0.5, p_e=0.5, p_f=0.0)
+    native_kw = dict(image_model=None, model=model, positive=positive, negative=negative, steps=4, t_v=0.25,
+                     t_e=0.5, p_e=0.5, p_f=0.0)
+    theirs = sample(N, None, zeroscope, **native_kw)
+    assert theirs[1] == ours[1] and int(re.search(r"image model (\d+)", ours[1]).group(1)) > 0
+    a, b = ours[0]["samples"], theirs[0]["samples"]
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-4
+    lora = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "add_detail.safetensors", 1.0)[0]
+    with_lora = sample(N, None, zeroscope, **dict(native_kw, model=lora))[0]["samples"]
+    assert float((with_lora - b).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="VBJVIDSample: image_timesteps: a native MODEL"):
+        sample(N, None, zeroscope, **dict(native_kw, image_timesteps="interpolated"))
+    with pytest.raises(ValueError, match="VBJVIDSample: image_model / model: .* both are connected"):
+        sample(N, vb_full, zeroscope, **dict(native_kw, image_model=vb_full))
