@@ -182,7 +182,7 @@ def test_native_inversion_smooths_like_the_vb_inversion(N, model, vb_full, zeros
     theirs = invert(N, lat, "image model (frame-wise)", model=model, conditioning=conds(vb_full, "")[0],
                     video_model=zeroscope)
     a, b = smooth(N, ours, video_model=zeroscope)["samples"], smooth(N, theirs, video_model=zeroscope)["samples"]
-    assert float((a - b).abs().max() / a.abs().max()) < 1e-3
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-4            # measured 9.9e-6
 
 
 def motion_injected(model, mix=0.5):
