@@ -105,7 +105,7 @@ def _timestep_tensor(t: Timestep, n: int, device) -> torch.Tensor:
     return torch.full((n,), float(t), dtype=torch.float32, device=device)
 
 
-def _combine(eps: torch.Tensor, g: Guidance) -> torch.Tensor:
+def combine(eps: torch.Tensor, g: Guidance) -> torch.Tensor:
     """eps: [K, ...] float32 -> the guided prediction [1, ...], ``sum_k w_k eps_k``. Classifier-free guidance and
     InstructPix2Pix guidance are evaluated in the official order (``u + g (c - u)``; ``e0 + s_t (e_TI - e_I) +
     s_i (e_I - e0)``), which equals the weighted sum mathematically and matches the reference code's rounding."""
@@ -294,7 +294,7 @@ class UNet2DDenoiser(_Controllable):
             eps = unet(sample, ts, encoder_hidden_states=ctx, return_dict=False, **kwargs)[0]
         self.calls += 1
         eps = rearrange(eps.float(), "(k f) c h w -> k c f h w", k=K)
-        return _combine(eps, g)
+        return combine(eps, g)
 
 
 class VideoDenoiser(_Controllable):
@@ -353,10 +353,10 @@ class VideoDenoiser(_Controllable):
 
     def _branches(self, x, t, g, step, window) -> torch.Tensor:
         if not self.sequential_branches or len(g.branches) == 1:
-            return _combine(self._forward(x, t, g, step, window), g)
+            return combine(self._forward(x, t, g, step, window), g)
         eps = torch.cat([self._forward(x, t, replace(g, branches=[b], weights=[1.0]), step, window)
                          for b in g.branches])
-        return _combine(eps, g)
+        return combine(eps, g)
 
     def _forward(self, x, t, g, step, window) -> torch.Tensor:
         """One UNet call on all branches of ``g``: the stacked per-branch eps ``[K, C, F, h, w]`` float32."""

@@ -535,11 +535,7 @@ class VBVideoDenoise(io.ComfyNode):
                 attention_bank=None, sfi_gamma=0.5, sfi_layers=widgets.ALL_IN_BANK, model=None, positive=None,
                 negative=None) -> io.NodeOutput:
         node = "VBVideoDenoise"
-        if (video_model is None) == (model is None):
-            raise ValueError(f"{node}: video_model / model: connect one video model, either a VB video model "
-                             "(VBLoadVideoModel) or a native MODEL with a motion module; "
-                             f"{'both are' if model is not None else 'neither is'} connected")
-        if model is not None:
+        if native.one_model(node, "video_model", video_model, model, "VBLoadVideoModel"):
             return cls.native(node, latent, seed, steps, cfg, strength, attention_bank, model, positive, negative)
         vm = video_model.model
         grid = cls.grid(node, latent, vm.schedule, vm.spacing, steps, strength)
@@ -579,9 +575,9 @@ class VBVideoDenoise(io.ComfyNode):
     def grid(node, latent, schedule, spacing, steps, strength) -> list:
         """The sampler grid: the inversion's for a noisy latent (checked against this model's schedule and steps),
         the SDEdit share ``strength`` of the grid for a clean one."""
-        grid = schedule.timesteps(steps, spacing)
         if not runtime.is_noisy(latent):
             return schedule.timesteps(steps, spacing, strength)
+        grid = schedule.timesteps(steps, spacing)
         if latent["vb_schedule"] != schedule.describe():
             raise ValueError(f"{node}: latent: it was inverted on a {latent['vb_schedule']['beta_schedule']} "
                              f"schedule but this video model uses {schedule.beta_schedule}; connect this "
@@ -596,19 +592,16 @@ class VBVideoDenoise(io.ComfyNode):
     def native(cls, node, latent, seed, steps, cfg, strength, attention_bank, model, positive, negative):
         """Temporal smoothing (or SDEdit) with a native motion-injected MODEL (``nodes.native``, kind "video"): the
         same core sampler on the same grid as with a VB video model on the SD1.5 schedule."""
-        if positive is None or (cfg > 1 and negative is None):
-            raise ValueError(f"{node}: {'positive' if positive is None else 'negative'}: a native model takes its "
-                             "prompts as CONDITIONING (CLIPTextEncode); the negative one is needed when cfg > 1")
+        conds = native.conds(node, cfg, positive, negative)
         if attention_bank is not None:
             raise ValueError(f"{node}: attention_bank: Selective Feature Injection runs on VB video models only; "
                              "disconnect it or use VBLoadVideoModel")
         schedule = native.schedule_of(model, f"{node}: model")
         grid = cls.grid(node, latent, schedule, "leading", steps, strength)
-        scale = latent_scale()
+        scale = model.model.latent_format.scale_factor
         z = runtime.from_latent(latent, "latent", scale, runtime.mm.get_torch_device())
         progress = runtime.Progress(len(grid))
         guidance = native.guidance(cfg)
-        conds = {"positive": positive, **({"negative": negative} if negative is not None else {})}
 
         def loop(denoiser):
             if runtime.is_noisy(latent):

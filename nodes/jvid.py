@@ -135,16 +135,11 @@ class VBJVIDSample(io.ComfyNode):
             check_size("width/height", height, width)
         except ValueError as e:
             raise ValueError(f"{node}: {e}") from None
-        if (image_model is None) == (model is None):
-            raise ValueError(f"{node}: image_model / model: connect one image model, either a VB image model "
-                             "(VBLoadImageModel) or a native MODEL (CheckpointLoaderSimple); "
-                             f"{'both are' if model is not None else 'neither is'} connected")
-        if model is not None:
-            schedule, in_channels, scale = native.schedule_of(model, f"{node}: model"), 4, 0.18215
-            if positive is None or (cfg > 1 and negative is None):
-                raise ValueError(f"{node}: {'positive' if positive is None else 'negative'}: a native model takes "
-                                 "its prompts as CONDITIONING (CLIPTextEncode); the negative one is needed when "
-                                 "cfg > 1")
+        if native.one_model(node, "image_model", image_model, model, "VBLoadImageModel"):
+            schedule = native.schedule_of(model, f"{node}: model")
+            fmt = model.model.latent_format
+            in_channels, scale = fmt.latent_channels, fmt.scale_factor
+            conds = native.conds(node, cfg, positive, negative)
             if image_timesteps == MAPPING[1]:
                 raise ValueError(f"{node}: image_timesteps: a native MODEL is evaluated at integer timesteps only; "
                                  f"use '{MAPPING[0]}'")
@@ -179,7 +174,6 @@ class VBJVIDSample(io.ComfyNode):
                 exact_mapping=image_timesteps == MAPPING[1], callbacks=progress.callbacks, on_step=on_step)
 
         if model is not None:                     # the VB video model is loaded inside, after ComfyUI loaded MODEL
-            conds = {"positive": positive, **({"negative": negative} if negative is not None else {})}
             z, used = native.run(model, conds, torch.zeros(shape), grid, schedule,
                                  lambda den: sample(den, native.guidance(cfg)), seed=seed)
         else:

@@ -32,12 +32,30 @@ import comfy.samplers
 import torch
 from einops import rearrange
 
-from ..core.denoisers import Branch, Guidance, _combine, cfg
+from ..core.denoisers import Branch, Guidance, combine, cfg
 from ..core.schedule import NoiseSchedule, Timestep
 
 def guidance(cfg_scale: float) -> Guidance:
     """Classifier-free guidance over the conds ``run`` gets as ``positive`` and ``negative``."""
     return cfg(Branch("positive"), Branch("negative"), cfg_scale)
+
+
+def one_model(node: str, vb_name: str, vb, model, loader: str) -> bool:
+    """True when the native ``model`` input is the one connected, False for the VB input ``vb_name``; raises
+    ValueError naming both when both or neither are connected. ``loader`` names the VB loader node."""
+    if (vb is None) == (model is None):
+        raise ValueError(f"{node}: {vb_name} / model: connect one of them, a VB model ({loader}) or a native MODEL; "
+                         f"{'both are' if model is not None else 'neither is'} connected")
+    return model is not None
+
+
+def conds(node: str, cfg_scale: float, positive, negative) -> dict:
+    """The conds ``run`` gets from a node's ``positive`` / ``negative`` CONDITIONING inputs (the negative one may be
+    absent at cfg 1); raises ValueError naming the missing input."""
+    if positive is None or (cfg_scale > 1 and negative is None):
+        raise ValueError(f"{node}: {'positive' if positive is None else 'negative'}: a native model takes its "
+                         "prompts as CONDITIONING (CLIPTextEncode); the negative one is needed when cfg > 1")
+    return {"positive": positive, **({"negative": negative} if negative is not None else {})}
 
 
 def schedule_of(model, name: str) -> NoiseSchedule:
@@ -99,7 +117,7 @@ class NativeDenoiser:
                                               xk, s, self.model_options)
         self.calls += 1
         eps = torch.stack([(xk - d.float()) / sigma for d in outs])      # [K, F, c, h, w]
-        return _combine(rearrange(eps, "k f c h w -> k c f h w"), guidance)
+        return combine(rearrange(eps, "k f c h w -> k c f h w"), guidance)
 
 
 def run(model, conds: dict, latent: torch.Tensor, timesteps, schedule: NoiseSchedule,
