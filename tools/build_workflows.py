@@ -69,7 +69,12 @@ FOX = "a red fox running through fresh snow, photograph"
 NOTE_ID = 30
 
 
-def bivdiff_note(what: str, models: list, prompts: str, alpha: float, frames: int = FRAMES) -> tuple:
+RESEARCH = """Research options (last in each node): fixed-point iterations, legacy_grid and inflated_groupnorm (parity with the
+official code), attention capture."""
+
+
+def bivdiff_note(what: str, models: list, prompts: str, alpha: float, frames: int = FRAMES,
+                 research: str = RESEARCH) -> tuple:
     """The Note node of a BIVDiff graph: what it does, which file goes where, what to change for real use."""
     files = "\n".join(f"- {m}" for m in models)
     text = f"""BIVDiff (Shi et al., CVPR 2024): {what}
@@ -87,8 +92,7 @@ Prompts: {prompts}
 {f"Small defaults ({frames} frames at {SIZE}x{SIZE}, 50 steps) so it runs anywhere; for real use take 16 frames"
  if frames == FRAMES else f"Defaults: {frames} frames at {SIZE}x{SIZE}, 50 steps; for real use keep the frames, size"}
 at 512x512 in group 1. Without the real model files the main job runs tiny random stand-ins, which give noise.
-Research options (last in each node): fixed-point iterations, legacy_grid and inflated_groupnorm (parity with the
-official code), attention capture."""
+{research}"""
     return (NOTE_ID, "Note", {"text": text}, {}, "What this workflow does")
 
 
@@ -138,7 +142,10 @@ def native_controlnet_zeroscope():
                       f"controlnet/{CANNY}: ControlNet v1.1 canny (lllyasviel).",
                       f"{ZEROSCOPE}/: the ZeroScope v2 576w diffusers folder (cerspense)."],
                      "the KSampler prompt and the smoothing prompt describe the same video; the inversion prompt "
-                     "stays empty, as in the paper.", 1.0),
+                     "stays empty, as in the paper.", 1.0,
+                     research="Research options (last in each node): fixed-point iterations and legacy_grid (parity "
+                              "with the official code).\ninflated_groupnorm needs a VB image model, so it is refused "
+                              "on this MODEL."),
         *VIDEO_IN,
         (5, "Canny", {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (4, 0)}, "Canny hints"),
         (6, "CheckpointLoaderSimple", {"ckpt_name": BASE}, {}, None),
@@ -528,8 +535,8 @@ def workflow_file(stem: str) -> str:
     return os.path.join(ROOT, "workflows", stem)
 
 
-SPECS = [controlnet_zeroscope, native_controlnet_zeroscope, t2iadapter_animatediff, ip2p_animatediff, prompt2prompt_zeroscope, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True),
-         long_clip_animatediff,
+SPECS = [controlnet_zeroscope, native_controlnet_zeroscope, t2iadapter_animatediff, ip2p_animatediff,
+         prompt2prompt_zeroscope, inpaint_zeroscope, lambda: inpaint_zeroscope(outpaint=True), long_clip_animatediff,
          evs_refine_lightning, jvid_text_to_video, lambda: jvid_text_to_video(zeroscope=True), i4vgen_text_to_video,
          i4vgen_image_to_video]
 

@@ -606,12 +606,12 @@ def write_lora(path: str, seed: int = 0, rank: int = 4, attention_levels: tuple 
     checkpoints: every cross-attention key/value projection of the UNet and every text-encoder query projection.
     Written as safetensors; returns the state dict."""
     mods = build_sd15_modules("base", 0, attention_levels=attention_levels)
+    te = getattr(mods["text_encoder"], "text_model", mods["text_encoder"])   # transformers 5 has no .text_model
     g, out = torch.Generator().manual_seed(seed), {}
     for prefix, module, wanted in (("lora_unet", mods["unet"], ("attn2.to_k", "attn2.to_v")),
-                                   ("lora_te", mods["text_encoder"], ("self_attn.q_proj",))):
+                                   ("lora_te_text_model", te, ("self_attn.q_proj",))):
         for name, m in module.named_modules():
             if isinstance(m, torch.nn.Linear) and name.endswith(wanted):
-                name = name if prefix == "lora_unet" else "text_model." + name.removeprefix("text_model.")
                 key = f"{prefix}_{name.replace('.', '_')}"
                 out[f"{key}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.5
                 out[f"{key}.lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.5
