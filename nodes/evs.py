@@ -12,7 +12,7 @@ from ..core.denoisers import Branch, UNet2DDenoiser
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import decode_video, encode_video, vae_scale
 from ..core.samplers import initial_noise
-from . import runtime, types, widgets
+from . import native, runtime, types, widgets
 from .api import io
 from .bivdiff import latent_scale
 
@@ -148,7 +148,9 @@ class VBEVSRefine(io.ComfyNode):
                         "and are re-noised, and the image model finishes. Every knob carries the paper's name.",
             inputs=[
                 io.Image.Input("images", tooltip="The video to refine [frames, H, W, 3]."),
-                types.ImageModel.Input("image_model", tooltip="Base SD1.5 checkpoint (the paper uses epiCRealism)."),
+                types.ImageModel.Input("image_model", optional=True,
+                                       tooltip="Base SD1.5 checkpoint (the paper uses epiCRealism); or connect a native "
+                                               "MODEL to model instead."),
                 types.VideoModel.Input("video_model",
                                        tooltip="AnimateDiff-Lightning on the same checkpoint, loaded with the "
                                                "trailing grid (paper setting); any VideoBridge video model works."),
@@ -185,17 +187,28 @@ class VBEVSRefine(io.ComfyNode):
                 widgets.frame_batch(8),
                 widgets.bank_storage(),
                 widgets.bank_budget(),
+                io.Model.Input("model", optional=True,
+                               tooltip="A native SD1.5 MODEL (CheckpointLoaderSimple, LoRAs, patches) as the T2I image "
+                                       "model, instead of image_model; its prompts are positive and negative, its "
+                                       "VAE the vae input. The video model still reads prompt."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Image-model prompt for a native model (CLIPTextEncode)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Image-model negative prompt for a native model (needed when cfg > 1)."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The VAE for a native model (CheckpointLoaderSimple's VAE): encodes the frames "
+                                     "and decodes the result."),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="The refined frames (upscaled size)."),
                      io.Latent.Output(display_name="latent", tooltip="The refined latent video.")])
 
     @classmethod
-    def execute(cls, images, image_model, video_model, prompt, negative_prompt, seed, upscale, s1, t2i_steps, cfg,
-                t_T2V, t2v_steps, t_V, n_V, t2v_cfg, block, renoise, sfi_layers, sfi_gamma, fixed_point_iterations,
-                frame_batch_size, bank_storage, bank_budget_gb) -> io.NodeOutput:
+    def execute(cls, images, video_model, prompt, negative_prompt, seed, upscale, s1, t2i_steps, cfg, t_T2V,
+                t2v_steps, t_V, n_V, t2v_cfg, block, renoise, sfi_layers, sfi_gamma, fixed_point_iterations,
+                frame_batch_size, bank_storage, bank_budget_gb, image_model=None, model=None, positive=None,
+                negative=None, vae=None) -> io.NodeOutput:
         node = "VBEVSRefine"
-        _check_image_model(node, image_model)
-        m, vm = image_model.model, video_model.model
+        vm = video_model.model
         dtype, where = widgets.storage(bank_storage)
         params = evs.EVSParams(t2i_steps=t2i_steps, s1=s1, t_T2V=t_T2V, t2v_steps=t2v_steps, t2v_spacing=vm.spacing,
                                t_V=t_V, n_V=n_V, block=BLOCK[block], renoise=RENOISE[renoise],
@@ -203,24 +216,48 @@ class VBEVSRefine(io.ComfyNode):
                                bank_dtype=dtype, bank_device=where, bank_budget_gib=bank_budget_gb)
         pixels = evs.upscale_pixels(runtime.image_to_video(images, "images", "cpu"), upscale)
         n, H, W = pixels.shape[2:]
-        image = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None)
+        if native.one_model(node, "image_model", image_model, model, "VBLoadImageModel"):
+            conds = native.conds(node, cfg, positive, negative)
+            if vae is None:
+                raise ValueError(f"{node}: vae: a native model needs its VAE (CheckpointLoaderSimple's VAE output)")
+            schedule, scale = native.schedule_of(model, f"{node}: model"), model.model.latent_format.scale_factor
+            image = native.NativeDenoiser(None, {}, schedule)           # for plan's checks; the run makes the live one
+        else:
+            _check_image_model(node, image_model)
+            m = image_model.model
+            scale = vae_scale(m.vae)
+            image = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=frame_batch_size or None)
         video = runtime.video_denoiser(video_model)
         try:                                                            # every setting checked before any work
-            grid_v = evs.plan(image, video, (1, 4, n, H // 8, W // 8), params, node)[-1]
+            grid_i, _, _, grid_v = evs.plan(image, video, (1, 4, n, H // 8, W // 8), params, node)
         except ValueError as e:
             raise _named(node, e) from None
-        chunks = -(-n // 8)
-        progress = runtime.Progress(evs.unet_calls(params, grid_v, per_step=True) + 2 * chunks)
+        vae_passes = 0 if model is not None else 2 * -(-n // 8)        # a ComfyUI VAE shows its own progress
+        progress = runtime.Progress(evs.unet_calls(params, grid_v, per_step=True) + vae_passes)
         cb = progress.callbacks
-        text_i, null_i = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
         text_v, null_v = runtime.encode(video_model, [prompt, ""]).split(1)
+        rows, hw = 2 * (frame_batch_size or n), (H // 8, W // 8)
+        video_guidance = cfg_guidance(Branch(text_v), Branch(null_v), t2v_cfg)
+
+        def refine(image_denoiser, image_guidance, z0):
+            return evs.evs_refine(image_denoiser, video, z0.to(runtime.mm.get_torch_device()), image_guidance,
+                                  video_guidance, seed, params, callbacks=cb)
+
+        if model is not None:
+            z0 = native.vae_encode(vae, pixels, scale)
+
+            def loop(den):                        # the VB video model is loaded after ComfyUI loaded MODEL
+                runtime.load(video_model.unet, rows=rows, latent_hw=hw)
+                return refine(den, native.guidance(cfg), z0)
+
+            z = native.run(model, conds, z0, grid_i, schedule, loop, seed=seed)
+            return io.NodeOutput(native.vae_decode(vae, z, scale), runtime.to_latent(z, scale))
+        text_i, null_i = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
         device = runtime.load(image_model.vae)
         z0 = encode_video(m.vae, pixels.to(device), callbacks=cb)
-        runtime.load(image_model.unet, video_model.unet, rows=2 * (frame_batch_size or n), latent_hw=(H // 8, W // 8))
-        image.frame_batch_size = runtime.frame_chunk(frame_batch_size, n, 2, (H // 8, W // 8))
-        z = evs.evs_refine(image, video, z0.to(runtime.mm.get_torch_device()),
-                           cfg_guidance(Branch(text_i), Branch(null_i), cfg),
-                           cfg_guidance(Branch(text_v), Branch(null_v), t2v_cfg), seed, params, callbacks=cb)
+        runtime.load(image_model.unet, video_model.unet, rows=rows, latent_hw=hw)
+        image.frame_batch_size = runtime.frame_chunk(frame_batch_size, n, 2, hw)
+        z = refine(image, cfg_guidance(Branch(text_i), Branch(null_i), cfg), z0)
         runtime.load(image_model.vae)
         out = decode_video(m.vae, z, callbacks=cb)
-        return io.NodeOutput(runtime.video_to_image(out), runtime.to_latent(z, vae_scale(m.vae)))
+        return io.NodeOutput(runtime.video_to_image(out), runtime.to_latent(z, scale))

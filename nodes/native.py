@@ -58,6 +58,19 @@ def conds(node: str, cfg_scale: float, positive, negative) -> dict:
     return {"positive": positive, **({"negative": negative} if negative is not None else {})}
 
 
+def vae_encode(vae, pixels: torch.Tensor, scale: float) -> torch.Tensor:
+    """Core pixels ``[1, 3, F, H, W]`` in -1..1 through a ComfyUI ``VAE`` (its own batching, device and dtype) to
+    the core's scaled latent ``[1, 4, F, H/8, W/8]`` float32 (``scale``: the MODEL's latent_format factor)."""
+    images = rearrange((pixels.float() + 1) / 2, "1 c f h w -> f h w c").clamp(0, 1)
+    return rearrange(vae.encode(images).float(), "f c h w -> 1 c f h w") * scale
+
+
+def vae_decode(vae, z: torch.Tensor, scale: float) -> torch.Tensor:
+    """The core's scaled latent ``[1, 4, F, h, w]`` through a ComfyUI ``VAE`` to an ``IMAGE`` ``[F, 8h, 8w, 3]``
+    in 0..1."""
+    return vae.decode(rearrange(z, "1 c f h w -> f c h w") / scale).float()
+
+
 def schedule_of(model, name: str) -> NoiseSchedule:
     """The core schedule of a native ``MODEL`` (a ComfyUI ModelPatcher): SD1.5's, after checking that the model is
     an SD1.5-family epsilon model on that schedule. Raises ValueError naming input ``name`` otherwise (SDXL, SD3,

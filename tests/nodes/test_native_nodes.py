@@ -270,3 +270,28 @@ def test_jvid_on_a_native_image_model_equals_the_vb_image_model(N, model, vb_ful
         sample(N, None, zeroscope, **dict(native_kw, image_timesteps="interpolated"))
     with pytest.raises(ValueError, match="VBJVIDSample: image_model / model: .* both are connected"):
         sample(N, vb_full, zeroscope, **dict(native_kw, image_model=vb_full))
+
+
+def test_evs_on_a_native_image_model_and_vae_equals_the_vb_image_model(N, native_sd15, vb_full, zeroscope):
+    """EVS refinement with the native MODEL + VAE (CheckpointLoaderSimple) as its T2I model gives the VB result on
+    the same weights: the latent and the decoded frames to rounding, so ComfyUI's VAE encodes and decodes as the VB
+    VAE does; bad native inputs name the input."""
+    from .test_evs_nodes import refine
+
+    model, _, vae = native_sd15
+    positive, negative = conds(vb_full, "a cat", "")
+    grid_v = zeroscope.model.schedule.timesteps(8, zeroscope.model.spacing)
+    kw = dict(t_V=grid_v[4], n_V=2, t2i_steps=10, t_T2V=201)
+    ours = refine(N, vb_full, zeroscope, **kw)
+    native_kw = dict(kw, image_model=None, model=model, positive=positive, negative=negative, vae=vae)
+    theirs = refine(N, None, zeroscope, **native_kw)
+    a, b = ours[1]["samples"], theirs[1]["samples"]
+    # measured 2.4e-4: ten T2I steps and two T2V calls on random weights carry the 1e-5 per-call rounding (the VAEs
+    # alone agree to 4e-7); a wrong timestep, sigma or latent scaling is off by more than 1e-2
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-3
+    assert float((ours[0] - theirs[0]).abs().max()) < 1e-3                 # pixels in 0..1
+    assert theirs[0].shape == ours[0].shape
+    with pytest.raises(ValueError, match="VBEVSRefine: vae: a native model needs its VAE"):
+        refine(N, None, zeroscope, **dict(native_kw, vae=None))
+    with pytest.raises(ValueError, match="VBEVSRefine: t_T2V = 200 "):
+        refine(N, None, zeroscope, **dict(native_kw, t_T2V=200))
