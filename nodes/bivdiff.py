@@ -592,7 +592,7 @@ class VBVideoDenoise(io.ComfyNode):
     def native(cls, node, latent, seed, steps, cfg, strength, attention_bank, model, positive, negative):
         """Temporal smoothing (or SDEdit) with a native motion-injected MODEL (``nodes.native``, kind "video"): the
         same core sampler on the same grid as with a VB video model on the SD1.5 schedule."""
-        conds = native.conds(node, cfg, positive, negative)
+        conds = native.conds(node, positive, negative, native.cfg_need(cfg))
         if attention_bank is not None:
             raise ValueError(f"{node}: attention_bank: Selective Feature Injection runs on VB video models only; "
                              "disconnect it or use VBLoadVideoModel")

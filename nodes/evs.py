@@ -187,17 +187,7 @@ class VBEVSRefine(io.ComfyNode):
                 widgets.frame_batch(8),
                 widgets.bank_storage(),
                 widgets.bank_budget(),
-                io.Model.Input("model", optional=True,
-                               tooltip="A native SD1.5 MODEL (CheckpointLoaderSimple, LoRAs, patches) as the T2I image "
-                                       "model, instead of image_model; its prompts are positive and negative, its "
-                                       "VAE the vae input. The video model still reads prompt."),
-                io.Conditioning.Input("positive", optional=True,
-                                      tooltip="Image-model prompt for a native model (CLIPTextEncode)."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Image-model negative prompt for a native model (needed when cfg > 1)."),
-                io.Vae.Input("vae", optional=True,
-                             tooltip="The VAE for a native model (CheckpointLoaderSimple's VAE): encodes the frames "
-                                     "and decodes the result."),
+                *widgets.native_image_model("the T2I image model (the video model still reads prompt)", vae=True),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="The refined frames (upscaled size)."),
                      io.Latent.Output(display_name="latent", tooltip="The refined latent video.")])
@@ -217,7 +207,7 @@ class VBEVSRefine(io.ComfyNode):
         pixels = evs.upscale_pixels(runtime.image_to_video(images, "images", "cpu"), upscale)
         n, H, W = pixels.shape[2:]
         if native.one_model(node, "image_model", image_model, model, "VBLoadImageModel"):
-            conds = native.conds(node, cfg, positive, negative)
+            conds = native.conds(node, positive, negative, native.cfg_need(cfg))
             if vae is None:
                 raise ValueError(f"{node}: vae: a native model needs its VAE (CheckpointLoaderSimple's VAE output)")
             schedule, scale = native.schedule_of(model, f"{node}: model"), model.model.latent_format.scale_factor

@@ -16,7 +16,7 @@ from ..core.context import video_noise
 from ..core.denoisers import Branch, UNet2DDenoiser
 from ..core.denoisers import cfg as cfg_guidance
 from ..core.latents import check_size, decode_video, encode_video, vae_scale
-from . import runtime, scorers, types, widgets
+from . import native, runtime, scorers, types, widgets
 from .api import io
 from .bivdiff import latent_scale
 
@@ -101,13 +101,41 @@ def _check_base(node: str, image_model) -> None:
                          f"is an {image_model.model.variant} model")
 
 
-def _check_latent_space(node: str, image_model, video_model) -> None:
-    m, vm = image_model.model, video_model.model
-    if vm.unet.config.in_channels != m.unet.config.in_channels or \
-            abs(latent_scale(video_model) - vae_scale(m.vae)) > 1e-6:
+def _check_latent_space(node: str, image_model, video_model, model=None) -> None:
+    """The video model must share the image model's latent space (a VB image model's VAE, or a native MODEL's
+    latent format)."""
+    vm = video_model.model
+    if model is not None:
+        fmt = model.model.latent_format
+        channels, scale = fmt.latent_channels, fmt.scale_factor
+    else:
+        channels, scale = image_model.model.unet.config.in_channels, vae_scale(image_model.model.vae)
+    if vm.unet.config.in_channels != channels or abs(latent_scale(video_model) - scale) > 1e-6:
         raise ValueError(f"{node}: video_model: its latents ({vm.unet.config.in_channels} channels, scale "
-                         f"{latent_scale(video_model)}) differ from the image model's ({m.unet.config.in_channels}, "
-                         f"{vae_scale(m.vae)}); both must use the SD VAE latent space")
+                         f"{latent_scale(video_model)}) differ from the image model's ({channels}, {scale}); both "
+                         "must use the SD VAE latent space")
+
+
+def _native_image(node: str, image_model, model, vae=None, need_vae: bool = False):
+    """(True, the MODEL's core schedule, its latent scale) for a native image model, after the checks; (False,
+    None, the VB VAE's scale) for a VB one (a base SD1.5 model)."""
+    if native.one_model(node, "image_model", image_model, model, "VBLoadImageModel"):
+        if need_vae and vae is None:
+            raise ValueError(f"{node}: vae: a native model needs its VAE (CheckpointLoaderSimple's VAE output)")
+        return True, native.schedule_of(model, f"{node}: model"), model.model.latent_format.scale_factor
+    _check_base(node, image_model)
+    return False, None, vae_scale(image_model.model.vae)
+
+
+def _candidate_grid(schedule, params) -> list:
+    """Stage 1's grid on a native MODEL's schedule (``candidate_stage`` on a planning denoiser)."""
+    return i4vgen.candidate_stage(native.NativeDenoiser(None, {}, schedule), params)[1]
+
+
+def _native_alignment(den, seed: int, callbacks):
+    """The weight-free scorer's alignment on a live native denoiser (conds "positive" and "negative")."""
+    return lambda z: i4vgen.diffusion_alignment(den, z.to(runtime.mm.get_torch_device()), Branch("positive"),
+                                                Branch("negative"), seed, callbacks=callbacks)
 
 
 def _decode(image_model, z, callbacks) -> torch.Tensor:
@@ -115,12 +143,15 @@ def _decode(image_model, z, callbacks) -> torch.Tensor:
     return runtime.video_to_image(decode_video(image_model.model.vae, z, callbacks=callbacks))
 
 
-def _select(node, image_model, prompt, negative_prompt, scorer, images, latents, seed, forced, callbacks) -> tuple:
-    """(index, scores dict or None, table text) for candidates ``images`` / ``latents`` ([1, 4, N, h, w])."""
+def _select(node, image_model, prompt, negative_prompt, scorer, images, latents, seed, forced, callbacks,
+            alignment=None) -> tuple:
+    """(index, scores dict or None, table text) for candidates ``images`` / ``latents`` ([1, 4, N, h, w]);
+    ``alignment`` replaces the VB image model in the weight-free scorer (``scorers.score``)."""
     kind, detail = scorers.resolve(scorer, node)
     scores = None
     if forced < 0 and kind != "first":
-        scores = scorers.score(kind, detail, image_model, prompt, negative_prompt, images, latents, seed, callbacks)
+        scores = scorers.score(kind, detail, image_model, prompt, negative_prompt, images, latents, seed, callbacks,
+                               alignment)
     try:
         index = i4vgen.choose(scores["score"], forced) if scores else max(forced, 0)
     except ValueError as e:
@@ -140,22 +171,26 @@ class VBAnchorCandidates(io.ComfyNode):
             description="I4VGen stage 1: N_c candidate images of the prompt from the image model (DDIM, CFG), all "
                         "candidates in one batch per step. Pick the anchor with VBSelectAnchor.",
             inputs=[
-                types.ImageModel.Input("image_model", tooltip="Base SD1.5 checkpoint (the video model's base)."),
+                types.ImageModel.Input("image_model", optional=True,
+                                       tooltip="Base SD1.5 checkpoint (the video model's base); or connect a native "
+                                               "MODEL to model instead."),
                 io.String.Input("prompt", multiline=True, default="", tooltip="What the video shows."),
                 io.String.Input("negative_prompt", multiline=True, default="", tooltip="Negative prompt."),
                 widgets.seed("Noise seed (candidate stream; share one seed across the I4VGen nodes to reproduce "
                              "VBI4VGen)."),
                 *_size(), _candidates(), _steps(), _cfg(what="the image model"), widgets.frame_batch(8),
                 _official_candidates(),
+                *widgets.native_image_model("the image model", vae=True),
             ],
             outputs=[io.Image.Output(display_name="candidates", tooltip="The N_c candidate images."),
                      io.Latent.Output(display_name="latent", tooltip="Their latents [N_c, 4, h, w].")])
 
     @classmethod
-    def execute(cls, image_model, prompt, negative_prompt, seed, width, height, num_candidates, steps, cfg,
-                frame_batch_size, official_candidate_schedule) -> io.NodeOutput:
+    def execute(cls, prompt, negative_prompt, seed, width, height, num_candidates, steps, cfg, frame_batch_size,
+                official_candidate_schedule, image_model=None, model=None, positive=None, negative=None,
+                vae=None) -> io.NodeOutput:
         node = "VBAnchorCandidates"
-        _check_base(node, image_model)
+        is_native, schedule, scale = _native_image(node, image_model, model, vae, need_vae=True)
         try:
             check_size("width/height", height, width)
             params = i4vgen.I4VGenParams(steps=steps, cfg=cfg, num_candidates=num_candidates,
@@ -163,6 +198,18 @@ class VBAnchorCandidates(io.ComfyNode):
         except ValueError as e:
             raise _named(node, e) from None
         hw = (height // 8, width // 8)
+        noise = i4vgen.candidate_noise(seed, num_candidates, hw)
+        if is_native:
+            conds = native.conds(node, positive, negative, native.cfg_need(cfg))
+            progress = runtime.Progress(steps)
+
+            def loop(den):
+                den, grid = i4vgen.candidate_stage(den, params)
+                return i4vgen.generate_candidates(den, noise.to(runtime.mm.get_torch_device()), grid,
+                                                  native.guidance(cfg), callbacks=progress.callbacks)
+
+            z = native.run(model, conds, noise, _candidate_grid(schedule, params), schedule, loop, seed=seed)
+            return io.NodeOutput(native.vae_decode(vae, z, scale), runtime.to_latent(z, scale))
         progress = runtime.Progress(steps + -(-num_candidates // 8))
         text, null = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
         device = runtime.load(image_model.unet, rows=2 * num_candidates, latent_hw=hw)
@@ -170,11 +217,10 @@ class VBAnchorCandidates(io.ComfyNode):
         den, grid = i4vgen.candidate_stage(
             UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=runtime.frame_chunk(frame_batch_size, num_candidates,
                                                                                     2, hw)), params)
-        noise = i4vgen.candidate_noise(seed, num_candidates, (height // 8, width // 8)).to(device)
-        z = i4vgen.generate_candidates(den, noise, grid, cfg_guidance(Branch(text), Branch(null), cfg),
+        z = i4vgen.generate_candidates(den, noise.to(device), grid, cfg_guidance(Branch(text), Branch(null), cfg),
                                        callbacks=progress.callbacks)
         images = _decode(image_model, z, progress.callbacks)
-        return io.NodeOutput(images, runtime.to_latent(z, vae_scale(image_model.model.vae)))
+        return io.NodeOutput(images, runtime.to_latent(z, scale))
 
 
 class VBSelectAnchor(io.ComfyNode):
@@ -185,8 +231,9 @@ class VBSelectAnchor(io.ComfyNode):
             description="I4VGen stage 1: scores every candidate and keeps the best as the anchor image. The scores "
                         "of all candidates come out as text (and go to the log) so the choice can be checked.",
             inputs=[
-                types.ImageModel.Input("image_model", tooltip="The image model (its VAE, text encoder and, for the "
-                                                              "weight-free scorer, its UNet)."),
+                types.ImageModel.Input("image_model", optional=True,
+                                       tooltip="The image model (its VAE, text encoder and, for the weight-free "
+                                               "scorer, its UNet); or connect a native MODEL to model instead."),
                 io.Image.Input("candidates", tooltip="Candidate images from VBAnchorCandidates."),
                 io.Latent.Input("latent", tooltip="Their latents from VBAnchorCandidates."),
                 io.String.Input("prompt", multiline=True, default="", tooltip="The prompt the candidates show."),
@@ -195,24 +242,32 @@ class VBSelectAnchor(io.ComfyNode):
                 _scorer(),
                 widgets.seed("Seed of the weight-free scorer's shared noise (score stream)."),
                 _candidate_index(),
+                *widgets.native_image_model("the image model (the weight-free scorer's)",
+                                            negative_for="the weight-free scorer"),
             ],
             outputs=[io.Image.Output(display_name="anchor", tooltip="The chosen candidate image."),
                      io.Latent.Output(display_name="latent", tooltip="Its latent [1, 4, h, w]."),
                      io.String.Output(display_name="scores", tooltip="Every candidate's score; * marks the anchor.")])
 
     @classmethod
-    def execute(cls, image_model, candidates, latent, prompt, negative_prompt, scorer, seed,
-                candidate_index) -> io.NodeOutput:
+    def execute(cls, candidates, latent, prompt, negative_prompt, scorer, seed, candidate_index, image_model=None,
+                model=None, positive=None, negative=None) -> io.NodeOutput:
         node = "VBSelectAnchor"
-        scale = vae_scale(image_model.model.vae)
+        is_native, schedule, scale = _native_image(node, image_model, model)
         z = runtime.from_latent(latent, "latent", scale, "cpu")
         if candidates.shape[0] != z.shape[2]:
             raise ValueError(f"{node}: candidates: {candidates.shape[0]} images but the latent has {z.shape[2]} "
                              "frames; connect both outputs of the same VBAnchorCandidates")
         runtime.image_to_video(candidates, "candidates", "cpu")           # shape and finite checks
         progress = runtime.Progress(len(i4vgen.SCORE_TIMESTEPS))
-        index, _, text = _select(node, image_model, prompt, negative_prompt, scorer, candidates, z, seed,
-                                 candidate_index, progress.callbacks)
+        alignment = None
+        if is_native:
+            def alignment(latents):
+                conds = native.conds(node, positive, negative, "the weight-free scorer")
+                return native.run(model, conds, latents, i4vgen.SCORE_TIMESTEPS, schedule,
+                                  lambda den: _native_alignment(den, seed, progress.callbacks)(latents), seed=seed)
+        index, _, text = _select(node, None if is_native else image_model, prompt, negative_prompt, scorer,
+                                 candidates, z, seed, candidate_index, progress.callbacks, alignment)
         runtime.progress_text(text.split("\n")[0])
         return io.NodeOutput(candidates[index:index + 1], runtime.to_latent(z[:, :, index:index + 1], scale), text)
 
@@ -298,7 +353,9 @@ class VBI4VGen(io.ComfyNode):
                         "by NI-VSDS with the video model, then regenerated by the video model. Outputs the video, "
                         "the anchor, the NI-VSDS video and every candidate's score.",
             inputs=[
-                types.ImageModel.Input("image_model", tooltip="Base SD1.5 checkpoint: the image model."),
+                types.ImageModel.Input("image_model", optional=True,
+                                       tooltip="Base SD1.5 checkpoint: the image model; or connect a native MODEL to "
+                                               "model instead."),
                 types.VideoModel.Input("video_model", tooltip="AnimateDiff on the same checkpoint (official)."),
                 io.String.Input("prompt", multiline=True, default="", tooltip="What the video shows."),
                 io.String.Input("negative_prompt", multiline=True, default="", tooltip="Negative prompt."),
@@ -314,6 +371,9 @@ class VBI4VGen(io.ComfyNode):
                 widgets.advanced(io.Float.Input("nivsds_cfg", default=-1.0, min=-1.0, max=30.0, step=0.1,
                                tooltip="Guidance inside NI-VSDS; -1 = cfg (official).")),
                 _official_candidates(), _official_scheduler(), _candidate_index(),
+                *widgets.native_image_model("the image model (candidates and the weight-free scorer; the video "
+                                            "model still reads prompt)", negative_for="cfg > 1 or the weight-free "
+                                            "scorer", vae=True),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The video latent (decode with VBDecodeFrames)."),
                      io.Image.Output(display_name="anchor", tooltip="The anchor image."),
@@ -324,13 +384,13 @@ class VBI4VGen(io.ComfyNode):
                      io.String.Output(display_name="scores", tooltip="Every candidate's score; * marks the anchor.")])
 
     @classmethod
-    def execute(cls, image_model, video_model, prompt, negative_prompt, seed, width, height, frames, steps, cfg,
-                num_candidates, scorer, p_ni, p_re, frame_batch_size, step_sizes, nivsds_cfg, official_candidate_schedule,
-                official_scheduler_config, candidate_index, anchor_image=None) -> io.NodeOutput:
+    def execute(cls, video_model, prompt, negative_prompt, seed, width, height, frames, steps, cfg, num_candidates,
+                scorer, p_ni, p_re, frame_batch_size, step_sizes, nivsds_cfg, official_candidate_schedule,
+                official_scheduler_config, candidate_index, anchor_image=None, image_model=None, model=None,
+                positive=None, negative=None, vae=None) -> io.NodeOutput:
         node = "VBI4VGen"
-        _check_base(node, image_model)
-        _check_latent_space(node, image_model, video_model)
-        m = image_model.model
+        is_native, schedule, scale = _native_image(node, image_model, model, vae, need_vae=True)
+        _check_latent_space(node, image_model, video_model, model)
         try:
             check_size("width/height", height, width)
             params = i4vgen.I4VGenParams(
@@ -341,14 +401,19 @@ class VBI4VGen(io.ComfyNode):
         except ValueError as e:
             raise _named(node, e) from None
         kind, detail = scorers.resolve(scorer, node)
-        scale = vae_scale(m.vae)
+        scores_candidates = anchor_image is None and kind != "first" and candidate_index < 0
+        if is_native:
+            need = [w for w, on in (("cfg > 1", cfg > 1), ("the weight-free scorer",
+                                                           scores_candidates and kind == "weight-free")) if on]
+            conds = native.conds(node, positive, negative, " and ".join(need) or None)
         h, w = height // 8, width // 8
         calls = i4vgen.unet_calls(params, with_candidates=anchor_image is None)
-        if kind == "first" or candidate_index >= 0:
+        if not scores_candidates:
             calls["score"] = 0
-        decode_chunks = -(-num_candidates // 8) + 3 * -(-frames // 8)
+        decode_chunks = 0 if is_native else -(-num_candidates // 8) + 3 * -(-frames // 8)
         progress = runtime.Progress(sum(calls.values()) + decode_chunks)
         cb = progress.callbacks
+        decode = (lambda z: native.vae_decode(vae, z, scale)) if is_native else (lambda z: _decode(image_model, z, cb))
         anchor = None
         if anchor_image is not None:
             pixels = runtime.image_to_video(anchor_image[:1], "anchor_image", "cpu")
@@ -356,37 +421,51 @@ class VBI4VGen(io.ComfyNode):
                 raise ValueError(f"{node}: anchor_image is {pixels.shape[-1]}x{pixels.shape[-2]} but width/height are "
                                  f"{width}x{height}; set width/height to the picture's size or resize it (core "
                                  "ImageScale) first")
-            device = runtime.load(image_model.vae)
-            anchor = encode_video(m.vae, pixels.to(device), callbacks=cb)
-        text_i, null_i = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
+            if is_native:
+                anchor = native.vae_encode(vae, pixels, scale)
+            else:
+                device = runtime.load(image_model.vae)
+                anchor = encode_video(image_model.model.vae, pixels.to(device), callbacks=cb)
         text_v, null_v = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
-        g_i = cfg_guidance(Branch(text_i), Branch(null_i), cfg)
         g_v = cfg_guidance(Branch(text_v), Branch(null_v), cfg)
         g_ni = None if params.nivsds_cfg is None else cfg_guidance(Branch(text_v), Branch(null_v), params.nivsds_cfg)
+        rows = max(2 * num_candidates, runtime.video_rows(video_model, frames, 1 + (cfg > 1)))
         picked = {}
-
-        def score(latents):
-            images = _decode(image_model, latents, cb)
-            picked["images"] = images
-            if kind == "first":
-                return None
-            res = scorers.score(kind, detail, image_model, prompt, negative_prompt, images, latents, seed, cb)
-            runtime.load(image_model.unet, video_model.unet, rows=rows, latent_hw=(h, w))
-            return res
 
         def on_stage(name, value):
             runtime.progress_text({"candidates": "stage 1: candidates done, scoring",
                                    "anchor": "stage 2: NI-VSDS", "ni_vsds": "stage 3: regeneration"}[name])
 
-        rows = max(2 * num_candidates, runtime.video_rows(video_model, frames, 1 + (cfg > 1)))
-        device = runtime.load(image_model.unet, video_model.unet, rows=rows, latent_hw=(h, w))
-        image_den = UNet2DDenoiser(m.unet, m.schedule,
-                                   frame_batch_size=runtime.frame_chunk(frame_batch_size, num_candidates, 2, (h, w)))
-        video_den = runtime.video_denoiser(video_model)
+        def run(image_den, g_i, device, alignment=None, image_patcher=None):
+            def score(latents):
+                images = decode(latents)
+                picked["images"] = images
+                if kind == "first":
+                    return None
+                res = scorers.score(kind, detail, None if is_native else image_model, prompt, negative_prompt,
+                                    images, latents, seed, cb, alignment)
+                runtime.load(image_patcher, video_model.unet, rows=rows, latent_hw=(h, w))
+                return res
+
+            return i4vgen.i4vgen(image_den, runtime.video_denoiser(video_model), (1, 4, frames, h, w), g_i, g_v, seed,
+                                 params, score=score, anchor=None if anchor is None else anchor.to(device),
+                                 device=device, nivsds_guidance=g_ni, callbacks=cb, on_stage=on_stage)
+
         try:
-            res = i4vgen.i4vgen(image_den, video_den, (1, 4, frames, h, w), g_i, g_v, seed, params, score=score,
-                                anchor=None if anchor is None else anchor.to(device), device=device,
-                                nivsds_guidance=g_ni, callbacks=cb, on_stage=on_stage)
+            if is_native:                         # the VB video model is loaded inside, after ComfyUI loaded MODEL
+                res = native.run(model, conds, torch.zeros(1, 4, num_candidates, h, w),
+                                 _candidate_grid(schedule, params), schedule,
+                                 lambda den: run(den, native.guidance(cfg), runtime.load(video_model.unet, rows=rows,
+                                                                                          latent_hw=(h, w)),
+                                                 _native_alignment(den, seed, cb)), seed=seed)
+            else:
+                m = image_model.model
+                text_i, null_i = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
+                device = runtime.load(image_model.unet, video_model.unet, rows=rows, latent_hw=(h, w))
+                image_den = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=runtime.frame_chunk(
+                    frame_batch_size, num_candidates, 2, (h, w)))
+                res = run(image_den, cfg_guidance(Branch(text_i), Branch(null_i), cfg), device,
+                          image_patcher=image_model.unet)
         except ValueError as e:
             raise _named(node, e) from None
         if anchor_image is not None:
@@ -396,7 +475,7 @@ class VBI4VGen(io.ComfyNode):
         else:
             kind_text = kind if res.scores is not None or params.candidate_index < 0 else "forced"
             text = scorers.table(kind_text, res.scores, res.index)
-            cands = picked["images"] if "images" in picked else _decode(image_model, res.candidates, cb)
+            cands = picked["images"] if "images" in picked else decode(res.candidates)
             anchor_px = cands[res.index:res.index + 1]
             log.info("%s %s", node, text)
         runtime.progress_text(text.split("\n")[0])

@@ -111,13 +111,7 @@ class VBJVIDSample(io.ComfyNode):
                                tooltip="How the image model is called at the video schedule's noise level: the nearest "
                                        "integer timestep of equal alpha-bar, or the interpolated float timestep.")),
                 widgets.frame_batch(),
-                io.Model.Input("model", optional=True,
-                               tooltip="A native SD1.5 MODEL (CheckpointLoaderSimple, LoRAs, patches) as the image "
-                                       "model, instead of image_model; its prompts are positive and negative."),
-                io.Conditioning.Input("positive", optional=True,
-                                      tooltip="Image-model prompt for a native model (CLIPTextEncode)."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Image-model negative prompt for a native model (needed when cfg > 1)."),
+                *widgets.native_image_model("the image model"),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The sampled latent video (VAEDecode-able)."),
                      io.String.Output(display_name="model_per_step",
@@ -139,7 +133,7 @@ class VBJVIDSample(io.ComfyNode):
             schedule = native.schedule_of(model, f"{node}: model")
             fmt = model.model.latent_format
             in_channels, scale = fmt.latent_channels, fmt.scale_factor
-            conds = native.conds(node, cfg, positive, negative)
+            conds = native.conds(node, positive, negative, native.cfg_need(cfg))
             if image_timesteps == MAPPING[1]:
                 raise ValueError(f"{node}: image_timesteps: a native MODEL is evaluated at integer timesteps only; "
                                  f"use '{MAPPING[0]}'")

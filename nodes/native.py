@@ -49,13 +49,20 @@ def one_model(node: str, vb_name: str, vb, model, loader: str) -> bool:
     return model is not None
 
 
-def conds(node: str, cfg_scale: float, positive, negative) -> dict:
-    """The conds ``run`` gets from a node's ``positive`` / ``negative`` CONDITIONING inputs (the negative one may be
-    absent at cfg 1); raises ValueError naming the missing input."""
-    if positive is None or (cfg_scale > 1 and negative is None):
+def conds(node: str, positive, negative, negative_for: Optional[str] = None) -> dict:
+    """The conds ``run`` gets from a node's ``positive`` / ``negative`` CONDITIONING inputs; ``negative_for`` says
+    what needs the negative one (e.g. "cfg > 1"), None when it may be absent. Raises ValueError naming the missing
+    input."""
+    if positive is None or (negative_for and negative is None):
         raise ValueError(f"{node}: {'positive' if positive is None else 'negative'}: a native model takes its "
-                         "prompts as CONDITIONING (CLIPTextEncode); the negative one is needed when cfg > 1")
+                         f"prompts as CONDITIONING (CLIPTextEncode)"
+                         + (f"; the negative one is needed for {negative_for}" if negative_for else ""))
     return {"positive": positive, **({"negative": negative} if negative is not None else {})}
+
+
+def cfg_need(cfg_scale: float) -> Optional[str]:
+    """What needs a negative cond at this guidance scale (``conds``' ``negative_for``)."""
+    return "cfg > 1" if cfg_scale > 1 else None
 
 
 def vae_encode(vae, pixels: torch.Tensor, scale: float) -> torch.Tensor:
@@ -106,12 +113,15 @@ class NativeDenoiser:
     """Core denoiser over ComfyUI's model inside a running sampler (``run``): frames are the batch.
 
     guider: the running CFGGuider (its ``inner_model`` and processed ``conds`` by name); model_options: the sampler's;
-    schedule: the core schedule (``schedule_of``); kind: "image" (frame-wise SD1.5) or "video" (a motion-injected
-    MODEL: the core treats it as a video denoiser). ``calls`` counts the batched evaluations.
+    schedule: the model's core schedule (``schedule_of``); kind: "image" (frame-wise SD1.5) or "video" (a
+    motion-injected MODEL: the core treats it as a video denoiser). ``calls`` counts the batched evaluations.
+    ``schedule`` is what samplers read and may be swapped (``core.i4vgen.with_schedule``: the same UNet sampled on
+    another schedule); sigma always comes from the model's own table, so the model still sees timestep t and x_t.
     """
 
     def __init__(self, guider, model_options: dict, schedule: NoiseSchedule, kind: str = "image"):
         self.guider, self.model_options, self.schedule, self.kind = guider, model_options, schedule, kind
+        self.model_schedule = schedule
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance, step: Optional[int] = None) -> torch.Tensor:
@@ -122,7 +132,7 @@ class NativeDenoiser:
         missing = [b.text for b in guidance.branches if b.text not in conds]
         if missing:
             raise KeyError(f"guidance names conds {missing} that the run was not given ({sorted(conds)})")
-        sigma = sigma_of(self.schedule, t)
+        sigma = sigma_of(self.model_schedule, t)
         frames = rearrange(x, "b c f h w -> (b f) c h w")
         xk = frames * math.sqrt(1.0 + sigma * sigma)                    # x_t / sqrt(abar)
         s = torch.full((frames.shape[0],), sigma, device=frames.device, dtype=torch.float32)

@@ -23,7 +23,7 @@ import torch
 from ..core import i4vgen
 from ..core.callbacks import NO_CALLBACKS
 from ..core.denoisers import Branch, UNet2DDenoiser
-from ..core.models import is_full_clip, load_clip_model
+from ..core.models import is_full_clip, load_clip_model, load_tokenizer
 from . import runtime
 
 log = logging.getLogger(__name__)
@@ -100,23 +100,29 @@ def resolve(choice: str, node: str) -> tuple:
 
 
 def score(kind: str, detail, image_model, prompt: str, negative_prompt: str, images: torch.Tensor,
-          latents: torch.Tensor, seed: int, callbacks=None) -> dict:
+          latents: torch.Tensor, seed: int, callbacks=None, alignment=None) -> dict:
     """Scores of N candidates: images ``[N, H, W, 3]`` in 0..1 and their scaled latents ``[1, 4, N, h, w]``.
     Returns a dict of [N] tensors with "score" (higher is better) and the scorer's components. (``first`` does not
-    score: its callers take candidate 0.)"""
+    score: its callers take candidate 0.) The weight-free scorer runs the VB ``image_model``, or ``alignment``
+    (latents -> ``core.i4vgen.diffusion_alignment``) when the image model is a native MODEL (``image_model`` None);
+    the CLIP scorer then tokenizes with ComfyUI's own CLIP tokenizer."""
     if kind == "weight-free":
-        m = image_model.model
-        text, null = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
-        n, hw = latents.shape[2], tuple(latents.shape[-2:])
-        device = runtime.load(image_model.unet, rows=2 * n, latent_hw=hw)
-        den = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=runtime.frame_chunk(0, n, 2, hw))
-        d = i4vgen.diffusion_alignment(den, latents.to(device), Branch(text),
-                                       Branch(null), seed, callbacks=callbacks or NO_CALLBACKS)
-        return i4vgen.weight_free_scores(d, images)
+        if alignment is None:
+            m = image_model.model
+            text, null = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
+            n, hw = latents.shape[2], tuple(latents.shape[-2:])
+            device = runtime.load(image_model.unet, rows=2 * n, latent_hw=hw)
+            den = UNet2DDenoiser(m.unet, m.schedule, frame_batch_size=runtime.frame_chunk(0, n, 2, hw))
+
+            def alignment(z):
+                return i4vgen.diffusion_alignment(den, z.to(device), Branch(text), Branch(null), seed,
+                                                  callbacks=callbacks or NO_CALLBACKS)
+        return i4vgen.weight_free_scores(alignment(latents), images)
     if kind == "clip":
         model = load_clip_model(detail)
         device = runtime.load(runtime.patcher(model, "text"))
-        return i4vgen.clip_scores(model.to(device), image_model.model.tokenizer, prompt, images.to(device))
+        tokenizer = image_model.model.tokenizer if image_model is not None else load_tokenizer(runtime.tokenizer_dir())
+        return i4vgen.clip_scores(model.to(device), tokenizer, prompt, images.to(device))
     if kind == "imagereward":
         return {"score": imagereward_scores(detail, prompt, images)}
     raise ValueError(f"unknown scorer {kind!r}")

@@ -72,3 +72,22 @@ def attention_bank_input():
 def storage(choice: str):
     """(dtype, device) of a ``bank_storage`` choice."""
     return torch.float16, ("cpu" if choice == BANK_STORAGE[0] else mm.get_torch_device())
+
+
+def native_image_model(what: str, negative_for: str = "cfg > 1", vae: bool = False) -> list:
+    """The optional inputs that put a native SD1.5 MODEL in place of a node's VB ``image_model``: ``model``,
+    ``positive``, ``negative`` (and ``vae`` where the node encodes or decodes frames). ``what`` names the role
+    ("the image model"), ``negative_for`` what needs the negative prompt."""
+    inputs = [io.Model.Input("model", optional=True,
+                             tooltip=f"A native SD1.5 MODEL (CheckpointLoaderSimple, LoRAs, patches) as {what}, "
+                                     "instead of image_model; its prompts are then positive and negative."),
+              io.Conditioning.Input("positive", optional=True,
+                                    tooltip=f"Prompt of {what} for a native model (CLIPTextEncode)."),
+              io.Conditioning.Input("negative", optional=True,
+                                    tooltip=f"Negative prompt of {what} for a native model (needed for "
+                                            f"{negative_for}).")]
+    if vae:
+        inputs.append(io.Vae.Input("vae", optional=True,
+                                   tooltip="The VAE for a native model (CheckpointLoaderSimple's VAE output): encodes "
+                                           "and decodes the frames."))
+    return inputs

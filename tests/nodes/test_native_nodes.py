@@ -295,3 +295,38 @@ def test_evs_on_a_native_image_model_and_vae_equals_the_vb_image_model(N, native
         refine(N, None, zeroscope, **dict(native_kw, vae=None))
     with pytest.raises(ValueError, match="VBEVSRefine: t_T2V = 200 "):
         refine(N, None, zeroscope, **dict(native_kw, t_T2V=200))
+
+
+def test_i4vgen_on_a_native_image_model_equals_the_vb_image_model(N, native_sd15, vb_full, zeroscope):
+    """I4VGen with the native MODEL + VAE as its image model, staged and in one box, gives the VB result on the same
+    weights: the same candidates (also on the official candidate schedule, where the sampler's schedule is not the
+    model's), the same weight-free scores and anchor, the same video; missing inputs are named."""
+    from .test_i4vgen_nodes import NC, SIZE, STEPS, one_box, rel
+
+    model, _, vae = native_sd15
+    positive, negative = conds(vb_full, "a cat", "")
+    nat = dict(image_model=None, model=model, positive=positive, negative=negative)
+    cand = dict(prompt="a cat", negative_prompt="", seed=3, width=SIZE, height=SIZE, num_candidates=NC, steps=STEPS,
+                cfg=7.5, frame_batch_size=0, official_candidate_schedule=False)
+    for official in (False, True):
+        ours = run(N["VBAnchorCandidates"], image_model=vb_full, **dict(cand, official_candidate_schedule=official))
+        theirs = run(N["VBAnchorCandidates"], **nat, vae=vae, **dict(cand, official_candidate_schedule=official))
+        # measured 4.4e-6, and 1.7e-4 on the official grid, whose last step (t = 0, sigma 0.029) divides the rounding
+        # by sigma; taking sigma from the sampler's (linear) schedule instead of the model's gives 0.98
+        assert rel(theirs[1]["samples"], ours[1]["samples"]) < 1e-3, official
+        assert float((theirs[0] - ours[0]).abs().max()) < 1e-3
+    select = dict(candidates=ours[0], latent=ours[1], prompt="a cat", negative_prompt="", scorer="weight-free", seed=3,
+                  candidate_index=-1)
+    s_ours = run(N["VBSelectAnchor"], image_model=vb_full, **select)[2]
+    s_theirs = run(N["VBSelectAnchor"], **nat, **select)[2]
+    assert s_theirs.splitlines()[0] == s_ours.splitlines()[0]                      # the same anchor
+    score = lambda text: torch.tensor([float(x) for x in re.findall(r"-?\d+\.\d+", text)])  # noqa: E731
+    assert torch.allclose(score(s_theirs), score(s_ours), atol=2e-3)               # printed to 4 decimals
+    a, b = one_box(N, vb_full, zeroscope), one_box(N, None, zeroscope, **nat, vae=vae)
+    assert b[4].splitlines()[0] == a[4].splitlines()[0]
+    assert rel(b[0]["samples"], a[0]["samples"]) < 1e-3
+    assert float((b[3] - a[3]).abs().max()) < 1e-3                               # the decoded candidates
+    with pytest.raises(ValueError, match="VBSelectAnchor: negative: .* needed for the weight-free scorer"):
+        run(N["VBSelectAnchor"], **dict(nat, negative=None), **select)
+    with pytest.raises(ValueError, match="VBI4VGen: vae: a native model needs its VAE"):
+        one_box(N, None, zeroscope, **nat)
