@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 import tests.conftest  # noqa: E402,F401  (registers the package as ``videobridge``)
 from tests.core import tiny  # noqa: E402
 from videobridge.core import evs  # noqa: E402
-from videobridge.core.attention import estimate_bank_bytes, resolve_layers  # noqa: E402
+from videobridge.core.attention import estimate_bank_bytes, layer_table, resolve_layers  # noqa: E402
 from videobridge.core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, cfg, single  # noqa: E402
 from videobridge.core.schedule import NoiseSchedule  # noqa: E402
 
@@ -111,9 +111,9 @@ def main(argv=None) -> int:
         from diffusers import UNet2DConditionModel
         real = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
     for preset in ("shallow", "deep"):
-        layers = resolve_layers(real, preset)
+        layers = resolve_layers(layer_table(real), preset)
         for px in (512, 1024):
-            b = estimate_bank_bytes(real, layers, 16, (px // 8, px // 8), 4)
+            b = estimate_bank_bytes(layer_table(real), layers, 16, (px // 8, px // 8), 4)
             print(f"real SD1.5 widths, '{preset}' ({len(layers)} layers), 16 frames, {px}x{px}, n_V = 4 steps: "
                   f"bank {b / 1024 ** 3:.2f} GiB fp16")
     return 0

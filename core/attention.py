@@ -83,18 +83,37 @@ def layer_kind(name: str) -> str:
 
 
 def attention_layers(unet: torch.nn.Module) -> list:
-    """Names of every attention layer of ``unet`` (processor keys without ``.processor``), in model order."""
+    """Names of every attention layer of a diffusers ``unet`` (processor keys without ``.processor``), in model
+    order."""
     return [k[: -len(".processor")] for k in unet.attn_processors]
 
 
-def resolve_layers(unet: torch.nn.Module, layers: Union[str, Iterable[str]]) -> tuple:
-    """The layer names to control: a preset name (``shallow``, ``deep``), ``spatial`` (every self- and
-    cross-attention layer that is not temporal: Prompt2Prompt), or an explicit list of names (a comma- or
-    newline-separated string is split). Raises ValueError naming the layers that ``unet`` does not have or that
-    are temporal (motion modules are never controlled), and for an empty selection.
+def layer_table(unet: torch.nn.Module) -> dict:
+    """The attention layers of a diffusers ``unet`` as the backend-free table the functions below read:
+    ``{name: (level, inner_dim)}`` in model order, with level the downsampling level of a spatial layer
+    (down_blocks.i -> i, mid_block -> n-1, up_blocks.i -> n-1-i; -1 for temporal layers) and inner_dim the width of
+    its queries (heads x head dim). Another backend (``nodes.native``: ComfyUI's UNet) builds the same table under
+    the same diffusers names."""
+    n = len(unet.config.block_out_channels)
+    table = {}
+    for name in attention_layers(unet):
+        level = -1
+        if layer_kind(name) != "temporal":
+            block, index = name.split(".")[:2]
+            level = n - 1 if block == "mid_block" else int(index) if block == "down_blocks" else n - 1 - int(index)
+        table[name] = (level, unet.get_submodule(name).to_q.out_features)
+    return table
+
+
+def resolve_layers(table: dict, layers: Union[str, Iterable[str]]) -> tuple:
+    """The layer names to control, out of ``table`` (``layer_table``: every attention layer of the model): a preset
+    name (``shallow``, ``deep``), ``spatial`` (every self- and cross-attention layer that is not temporal:
+    Prompt2Prompt), or an explicit list of names (a comma- or newline-separated string is split). Raises ValueError
+    naming the layers that the model does not have or that are temporal (motion modules are never controlled), and
+    for an empty selection.
     """
     if isinstance(layers, str) and layers.strip() == "spatial":
-        return tuple(n for n in attention_layers(unet) if layer_kind(n) != "temporal")
+        return tuple(n for n in table if layer_kind(n) != "temporal")
     if isinstance(layers, str):
         if layers.strip() in SFI_PRESETS:
             layers = SFI_PRESETS[layers.strip()][0]
@@ -104,11 +123,10 @@ def resolve_layers(unet: torch.nn.Module, layers: Union[str, Iterable[str]]) -> 
     if not names:
         raise ValueError(f"layers: empty selection; give a preset {sorted(SFI_PRESETS)} or layer names such as "
                          f"{_DECODER_SELF[0]!r}")
-    known = set(attention_layers(unet))
-    missing = [n for n in names if n not in known]
+    missing = [n for n in names if n not in table]
     if missing:
-        raise ValueError(f"layers: {missing[:3]} not found in this {type(unet).__name__}; spatial attention layers "
-                         f"look like {_DECODER_SELF[0]!r}")
+        raise ValueError(f"layers: {missing[:3]} not found in this model; spatial attention layers look like "
+                         f"{_DECODER_SELF[0]!r}")
     temporal = [n for n in names if layer_kind(n) == "temporal"]
     if temporal:
         raise ValueError(f"layers: {temporal[:3]} are temporal (motion-module) layers, which are never controlled; "
@@ -116,34 +134,21 @@ def resolve_layers(unet: torch.nn.Module, layers: Union[str, Iterable[str]]) -> 
     return names
 
 
-def _level(unet: torch.nn.Module, name: str) -> int:
-    """Downsampling level of a spatial layer: down_blocks.i -> i, mid_block -> n-1, up_blocks.i -> n-1-i."""
-    n = len(unet.config.block_out_channels)
-    block, index = name.split(".")[:2]
-    if block == "mid_block":
-        return n - 1
-    return int(index) if block == "down_blocks" else n - 1 - int(index)
-
-
-def _module(unet: torch.nn.Module, name: str):
-    return unet.get_submodule(name)
-
-
-def estimate_bank_bytes(unet: torch.nn.Module, layers: Sequence[str], num_frames: int, latent_hw: tuple,
+def estimate_bank_bytes(table: dict, layers: Sequence[str], num_frames: int, latent_hw: tuple,
                         num_steps: int, dtype: torch.dtype = torch.float16) -> int:
-    """Bytes a bank of Q, K and V for ``layers`` over ``num_steps`` timesteps will hold, for one branch of a
-    ``num_frames``-frame clip with latents ``latent_hw`` = (h, w). Query tokens of a layer at level k are
-    ``ceil(h/2^k)*ceil(w/2^k)``; self-attention keys/values have as many, cross-attention ones 77.
-    (0.61 GiB per step for the ``shallow`` preset at 16 frames, 512x512, fp16: METHODS.md §5.3.)
+    """Bytes a bank of Q, K and V for ``layers`` (names in ``table``, ``layer_table``) over ``num_steps`` timesteps
+    will hold, for one branch of a ``num_frames``-frame clip with latents ``latent_hw`` = (h, w). Query tokens of a
+    layer at level k are ``ceil(h/2^k)*ceil(w/2^k)``; self-attention keys/values have as many, cross-attention ones
+    77. (0.61 GiB per step for the ``shallow`` preset at 16 frames, 512x512, fp16: METHODS.md §5.3.)
     """
     h, w = latent_hw
     item = torch.empty((), dtype=dtype).element_size()
     total = 0
     for name in layers:
-        f = 2 ** _level(unet, name)
+        level, inner = table[name]
+        f = 2 ** level
         lq = math.ceil(h / f) * math.ceil(w / f)
         lk = lq if layer_kind(name) == "self" else 77
-        inner = _module(unet, name).to_q.out_features
         total += num_frames * inner * (lq + 2 * lk) * item
     return int(total * num_steps)
 
@@ -392,9 +397,9 @@ def attention_control(unet: torch.nn.Module, controller: AttentionController):
     Raises ValueError for a layer the UNet lacks, a temporal layer, or a layer whose attention uses group/spatial/QK
     norms or fused QKV projections (this processor does not implement them; SD1.5-family UNets use none).
     """
-    names = resolve_layers(unet, controller.layers)
+    names = resolve_layers(layer_table(unet), controller.layers)
     for n in names:
-        attn = _module(unet, n)
+        attn = unet.get_submodule(n)
         if attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_q is not None \
                 or attn.norm_k is not None or getattr(attn, "fused_projections", False):
             raise ValueError(f"layers: {n} uses group/spatial/QK norms or fused QKV projections, which the controlled "

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention import CallContext, attention_control, estimate_bank_bytes, resolve_layers
+from .attention import CallContext, attention_control, estimate_bank_bytes, layer_table, resolve_layers
 from .context import ContextWindows, WindowedDenoiser
 from .latents import OOM_ERRORS
 from .schedule import NoiseSchedule, Timestep
@@ -153,12 +153,12 @@ class _Controllable:
 
     def attention_layers(self, layers) -> tuple:
         """The controllable layer names of a preset or an explicit list (``core.attention.resolve_layers``)."""
-        return resolve_layers(self.unet, layers)
+        return resolve_layers(layer_table(self.unet), layers)
 
     def bank_bytes(self, layers, num_frames: int, latent_hw: tuple, num_steps: int,
                    dtype: torch.dtype = torch.float16) -> int:
         """Bytes a Q/K/V bank of ``layers`` would hold (``core.attention.estimate_bank_bytes``)."""
-        return estimate_bank_bytes(self.unet, layers, num_frames, latent_hw, num_steps, dtype)
+        return estimate_bank_bytes(layer_table(self.unet), layers, num_frames, latent_hw, num_steps, dtype)
 
     @contextlib.contextmanager
     def controlled(self, controller):

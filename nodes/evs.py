@@ -211,7 +211,7 @@ class VBEVSRefine(io.ComfyNode):
             if vae is None:
                 raise ValueError(f"{node}: vae: a native model needs its VAE (CheckpointLoaderSimple's VAE output)")
             schedule, scale = native.schedule_of(model, f"{node}: model"), model.model.latent_format.scale_factor
-            image = native.NativeDenoiser(None, {}, schedule)           # for plan's checks; the run makes the live one
+            image = native.NativeDenoiser(model, schedule)           # for plan's checks; the run makes the live one
         else:
             _check_image_model(node, image_model)
             m = image_model.model

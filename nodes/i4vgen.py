@@ -127,9 +127,9 @@ def _native_image(node: str, image_model, model, vae=None, need_vae: bool = Fals
     return False, None, vae_scale(image_model.model.vae)
 
 
-def _candidate_grid(schedule, params) -> list:
+def _candidate_grid(model, schedule, params) -> list:
     """Stage 1's grid on a native MODEL's schedule (``candidate_stage`` on a planning denoiser)."""
-    return i4vgen.candidate_stage(native.NativeDenoiser(None, {}, schedule), params)[1]
+    return i4vgen.candidate_stage(native.NativeDenoiser(model, schedule), params)[1]
 
 
 def _native_alignment(den, seed: int, callbacks):
@@ -208,7 +208,7 @@ class VBAnchorCandidates(io.ComfyNode):
                 return i4vgen.generate_candidates(den, noise.to(runtime.mm.get_torch_device()), grid,
                                                   native.guidance(cfg), callbacks=progress.callbacks)
 
-            z = native.run(model, conds, noise, _candidate_grid(schedule, params), schedule, loop, seed=seed)
+            z = native.run(model, conds, noise, _candidate_grid(model, schedule, params), schedule, loop, seed=seed)
             return io.NodeOutput(native.vae_decode(vae, z, scale), runtime.to_latent(z, scale))
         progress = runtime.Progress(steps + -(-num_candidates // 8))
         text, null = runtime.encode(image_model, [prompt, negative_prompt]).split(1)
@@ -454,7 +454,7 @@ class VBI4VGen(io.ComfyNode):
         try:
             if is_native:                         # the VB video model is loaded inside, after ComfyUI loaded MODEL
                 res = native.run(model, conds, torch.zeros(1, 4, num_candidates, h, w),
-                                 _candidate_grid(schedule, params), schedule,
+                                 _candidate_grid(model, schedule, params), schedule,
                                  lambda den: run(den, native.guidance(cfg), runtime.load(video_model.unet, rows=rows,
                                                                                           latent_hw=(h, w)),
                                                  _native_alignment(den, seed, cb)), seed=seed)

@@ -16,23 +16,37 @@ parametrisation and ComfyUI's k-diffusion one through the model's own ``model_sa
     sigma = sqrt((1 - abar(t)) / abar(t)),   x_k = x_t / sqrt(abar(t)),   eps_k = (x_k - D_k(x_k, sigma)) / sigma
 
 The model turns sigma back into the integer timestep t (nearest entry of its sigma table), so it is evaluated at
-exactly the core's timesteps. Latents are the core's scaled ``[1, 4, F, h, w]``; frames are the batch, all of them
+exactly the core's timesteps.
+
+Attention control (EVS Selective Feature Injection, BIVDiff's feature capture, Prompt2Prompt) goes through
+ComfyUI's attention replace patches: ``NativeDenoiser.controlled(controller)`` puts a patch on each controlled layer
+into a copy of the run's model options (``transformer_options["patches_replace"]``; the user's MODEL and the
+patcher ComfyUI cloned are untouched) and drops it on exit. The patch gets ComfyUI's projected Q/K/V, splits the
+heads and asks the same backend-free ``controller.attend`` as the diffusers processor; the branch roles of each call
+come from the call's ``cond_or_uncond`` (ComfyUI may batch the guidance branches in several calls). Layers keep
+their diffusers names (``down_blocks.2.attentions.1.transformer_blocks.0.attn2``), so presets and banks are the
+same on both backends. Latents are the core's scaled ``[1, 4, F, h, w]``; frames are the batch, all of them
 in one call (a motion-injected MODEL sees the whole clip). Scope: SD1.5-family epsilon models (ComfyUI
 ``latent_formats.SD15``). Sampler-level CFG patches (``sampler_cfg_function``, e.g. RescaleCFG) do not apply: the
 methods' guidance is their own.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import replace
 from typing import Callable, Optional
 
 import comfy.latent_formats
+import comfy.ldm.modules.attention
+import comfy.model_patcher
 import comfy.model_sampling
 import comfy.samplers
 import torch
 from einops import rearrange
 
-from ..core.denoisers import Branch, Guidance, combine, cfg
+from ..core.attention import estimate_bank_bytes, resolve_layers
+from ..core.denoisers import Branch, Guidance, combine, cfg, tell
 from ..core.schedule import NoiseSchedule, Timestep
 
 def guidance(cfg_scale: float) -> Guidance:
@@ -109,20 +123,111 @@ def sigma_of(schedule: NoiseSchedule, t: Timestep) -> float:
     return math.sqrt((1.0 - abar) / abar)
 
 
+def attention_layers(model) -> dict:
+    """The spatial attention layers of a native SD1.5-family ``MODEL`` under their diffusers names:
+    ``{name: (patch key, level, inner_dim)}``, patch key ``(block, number, transformer_index)`` as ComfyUI's
+    attention replace patches address a layer (``("output", 3, 0)`` is diffusers ``up_blocks.1.attentions.0``), level
+    the downsampling level and inner_dim the query width (``core.attention.layer_table``'s columns). Read from the
+    openaimodel ``UNetModel`` blocks: level i has ``num_res_blocks[i]`` input blocks then a downsampler (but the
+    last), the output side ``num_res_blocks[i] + 1`` blocks per level, deepest first."""
+    unet = model.model.diffusion_model
+    n, res = len(unet.channel_mult), list(unet.num_res_blocks)
+    places = []
+    block = 1
+    for level in range(n):
+        places += [(f"down_blocks.{level}.attentions.{a}", ("input", block + a), level) for a in range(res[level])]
+        block += res[level] + (level < n - 1)
+    places.append(("mid_block.attentions.0", ("middle", 0), n - 1))
+    block = 0
+    for b, level in enumerate(reversed(range(n))):
+        places += [(f"up_blocks.{b}.attentions.{a}", ("output", block + a), level) for a in range(res[level] + 1)]
+        block += res[level] + 1
+    out = {}
+    for prefix, (where, number), level in places:
+        blocks = unet.middle_block if where == "middle" else \
+            (unet.input_blocks if where == "input" else unet.output_blocks)[number]
+        for st in blocks:
+            if isinstance(st, comfy.ldm.modules.attention.SpatialTransformer):
+                for j, tb in enumerate(st.transformer_blocks):
+                    for attn in ("attn1", "attn2"):
+                        out[f"{prefix}.transformer_blocks.{j}.{attn}"] = ((where, number, j), level,
+                                                                           getattr(tb, attn).to_q.out_features)
+    return out
+
+
 class NativeDenoiser:
     """Core denoiser over ComfyUI's model inside a running sampler (``run``): frames are the batch.
 
-    guider: the running CFGGuider (its ``inner_model`` and processed ``conds`` by name); model_options: the sampler's;
-    schedule: the model's core schedule (``schedule_of``); kind: "image" (frame-wise SD1.5) or "video" (a
-    motion-injected MODEL: the core treats it as a video denoiser). ``calls`` counts the batched evaluations.
-    ``schedule`` is what samplers read and may be swapped (``core.i4vgen.with_schedule``: the same UNet sampled on
-    another schedule); sigma always comes from the model's own table, so the model still sees timestep t and x_t.
+    model: the native MODEL (its layers name the controllable attention); schedule: the model's core schedule
+    (``schedule_of``); kind: "image" (frame-wise SD1.5) or "video" (a motion-injected MODEL: the core treats it as a
+    video denoiser); guider: the running CFGGuider (its ``inner_model`` and processed ``conds`` by name) and
+    model_options: the sampler's, both None for a denoiser that only answers planning questions (schedule, kind,
+    layers, bank sizes). ``calls`` counts the batched evaluations. ``schedule`` is what samplers read and may be
+    swapped (``core.i4vgen.with_schedule``: the same UNet sampled on another schedule); sigma always comes from the
+    model's own table, so the model still sees timestep t and x_t. All frames go in one call, so any frame group
+    (``frame_group``, Prompt2Prompt's source/edit pairs) stays whole.
     """
+    frame_group = 1
 
-    def __init__(self, guider, model_options: dict, schedule: NoiseSchedule, kind: str = "image"):
-        self.guider, self.model_options, self.schedule, self.kind = guider, model_options, schedule, kind
+    def __init__(self, model, schedule: NoiseSchedule, kind: str = "image", guider=None,
+                 model_options: Optional[dict] = None):
+        self.model, self.schedule, self.kind = model, schedule, kind
+        self.guider, self.model_options = guider, model_options if model_options is not None else {}
         self.model_schedule = schedule
+        self.controller, self._roles, self._layers = None, (), None
         self.calls = 0
+
+    @property
+    def layers(self) -> dict:
+        """``attention_layers(model)``, read once."""
+        if self._layers is None:
+            self._layers = attention_layers(self.model)
+        return self._layers
+
+    def attention_layers(self, layers) -> tuple:
+        """The controllable layer names of a preset or an explicit list (``core.attention.resolve_layers``)."""
+        return resolve_layers({n: v[1:] for n, v in self.layers.items()}, layers)
+
+    def bank_bytes(self, layers, num_frames: int, latent_hw: tuple, num_steps: int,
+                   dtype: torch.dtype = torch.float16) -> int:
+        """Bytes a Q/K/V bank of ``layers`` would hold (``core.attention.estimate_bank_bytes``)."""
+        return estimate_bank_bytes({n: v[1:] for n, v in self.layers.items()}, layers, num_frames, latent_hw,
+                                   num_steps, dtype)
+
+    @contextlib.contextmanager
+    def controlled(self, controller):
+        """Within the block, ``controller`` (``core.attention.AttentionController`` or Prompt2Prompt's) computes the
+        attention of its layers through replace patches in a copy of the run's model options, and is told what
+        every call is. Raises ValueError naming the layer when the MODEL already replaces that layer's attention
+        (an IPAdapter or attention-couple patch: two replacements cannot share a layer)."""
+        names = self.attention_layers(controller.layers)
+        options = dict(self.model_options)
+        taken = options.get("transformer_options", {}).get("patches_replace", {})
+        for name in names:
+            key, attn = self.layers[name][0], name.rsplit(".", 1)[1]
+            if key in taken.get(attn, {}) or key[:2] in taken.get(attn, {}):
+                raise ValueError(f"model: this MODEL already replaces the attention of {name} ({attn} of ComfyUI "
+                                 f"block {key[:2]}), e.g. with an IPAdapter; attention control cannot share the "
+                                 "layer. Apply that patch to another model or choose other layers")
+            comfy.model_patcher.set_model_options_patch_replace(options, self._patch(name, controller), attn, *key)
+        saved = self.model_options
+        self.model_options, self.controller = options, controller
+        try:
+            yield self
+        finally:
+            self.model_options, self.controller = saved, None
+            controller.context = None
+
+    def _patch(self, name: str, controller):
+        """ComfyUI attention replace patch of layer ``name``: projected ``[B, L, heads*d]`` Q/K/V in, the attention
+        before the output projection out, computed by ``controller.attend`` on ``[B, heads, L, d]``."""
+        def attend(q, k, v, extra):
+            roles = tuple(self._roles[i] for i in extra["cond_or_uncond"])
+            if controller.context is not None and controller.context.branches != roles:
+                controller.context = replace(controller.context, branches=roles)
+            q, k, v = (rearrange(x, "b l (h d) -> b h l d", h=extra["n_heads"]) for x in (q, k, v))
+            return rearrange(controller.attend(name, q, k, v, None), "b h l d -> b l (h d)")
+        return attend
 
     def __call__(self, x: torch.Tensor, t: Timestep, guidance: Guidance, step: Optional[int] = None) -> torch.Tensor:
         """Guided eps ``[1, 4, F, h, w]`` float32 (or ``[K, 4, F, h, w]`` with ``combine=False``) at timestep ``t``
@@ -134,6 +239,8 @@ class NativeDenoiser:
             raise KeyError(f"guidance names conds {missing} that the run was not given ({sorted(conds)})")
         sigma = sigma_of(self.model_schedule, t)
         frames = rearrange(x, "b c f h w -> (b f) c h w")
+        self._roles = tuple(b.role for b in guidance.branches)
+        tell(self.controller, step, t, guidance, 0, x.shape[2], x.shape[2])
         xk = frames * math.sqrt(1.0 + sigma * sigma)                    # x_t / sqrt(abar)
         s = torch.full((frames.shape[0],), sigma, device=frames.device, dtype=torch.float32)
         outs = comfy.samplers.calc_cond_batch(self.guider.inner_model, [conds[b.text] for b in guidance.branches],
@@ -155,7 +262,8 @@ def run(model, conds: dict, latent: torch.Tensor, timesteps, schedule: NoiseSche
 
     def sampler_function(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
         guider = model_k.inner_model                                    # KSamplerX0Inpaint -> the CFGGuider
-        out["x"] = loop(NativeDenoiser(guider, (extra_args or {}).get("model_options", {}), schedule, kind))
+        options = (extra_args or {}).get("model_options", {})
+        out["x"] = loop(NativeDenoiser(model, schedule, kind, guider, options))
         return noise
 
     guider = comfy.samplers.CFGGuider(model)

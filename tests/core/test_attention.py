@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from videobridge.core.attention import SFI_PRESETS, AttentionController, FeatureBank, attention_layers, \
-    check_budget, estimate_bank_bytes, resolve_layers, sfi_attention
+    check_budget, estimate_bank_bytes, layer_table, resolve_layers, sfi_attention
 from videobridge.core.denoisers import Branch, UNet2DDenoiser, VideoDenoiser, cfg, single
 from videobridge.core.samplers import ddim_invert, ddim_sample
 from videobridge.core.schedule import NoiseSchedule
@@ -32,7 +32,7 @@ def processors(unet):
 
 def capture(denoiser, x, t, g, layers="shallow", dtype=torch.float32, timesteps=None):
     bank = FeatureBank(x.shape[2], tuple(x.shape[-2:]), denoiser.schedule, dtype=dtype)
-    with denoiser.controlled(AttentionController(resolve_layers(denoiser.unet, layers), bank, "capture",
+    with denoiser.controlled(AttentionController(resolve_layers(layer_table(denoiser.unet), layers), bank, "capture",
                                                  timesteps)):
         denoiser(x, t, g, step=0)
     return bank
@@ -67,7 +67,7 @@ def test_controlled_processor_equals_the_default_and_is_installed_only_on_chosen
     d, x, g = VideoDenoiser(unet, AD), latent(), guidance()
     before = processors(unet)
     ref = d(x, 499, g)
-    ctl = AttentionController(resolve_layers(unet, "deep"), FeatureBank(FRAMES, (8, 8)), "off")
+    ctl = AttentionController(resolve_layers(layer_table(unet), "deep"), FeatureBank(FRAMES, (8, 8)), "off")
     with d.controlled(ctl):
         inside = processors(unet)
         out = d(x, 499, g)
@@ -79,18 +79,19 @@ def test_controlled_processor_equals_the_default_and_is_installed_only_on_chosen
 
 def test_presets_and_layer_selection():
     unet = tiny.motion_unet()
-    assert len(resolve_layers(unet, "shallow")) == 9 and len(resolve_layers(unet, "deep")) == 6
+    table = layer_table(unet)
+    assert len(resolve_layers(table, "shallow")) == 9 and len(resolve_layers(table, "deep")) == 6
     names = attention_layers(unet)
     assert len(names) == 74                                              # 32 spatial + 42 motion (v2 layout)
     pick = "up_blocks.2.attentions.1.transformer_blocks.0.attn1, up_blocks.3.attentions.0.transformer_blocks.0.attn2"
-    assert resolve_layers(unet, pick) == tuple(s.strip() for s in pick.split(","))
+    assert resolve_layers(layer_table(unet), pick) == tuple(s.strip() for s in pick.split(","))
     motion = next(n for n in names if "motion_modules" in n)
     with pytest.raises(ValueError, match="temporal"):
-        resolve_layers(unet, [motion])
+        resolve_layers(layer_table(unet), [motion])
     with pytest.raises(ValueError, match="not found"):
-        resolve_layers(unet, ["up_blocks.9.attentions.0.transformer_blocks.0.attn1"])
+        resolve_layers(layer_table(unet), ["up_blocks.9.attentions.0.transformer_blocks.0.attn1"])
     with pytest.raises(ValueError, match="empty"):
-        resolve_layers(unet, " , ")
+        resolve_layers(layer_table(unet), " , ")
 
 
 # ------------------------------------------------------------------ capture / inject identities
@@ -185,7 +186,7 @@ def test_processors_are_restored_after_an_exception_and_after_cancel(failure):
         if calls["n"] == 3:
             raise Cancelled()
 
-    ctl = AttentionController(resolve_layers(unet, "shallow"), FeatureBank(FRAMES, (8, 8), AD), "capture")
+    ctl = AttentionController(resolve_layers(layer_table(unet), "shallow"), FeatureBank(FRAMES, (8, 8), AD), "capture")
     with torch.no_grad():
         if failure == "cancel":
             with pytest.raises(Cancelled), d.controlled(ctl):
@@ -205,13 +206,13 @@ def test_bank_holds_only_the_chosen_steps_and_its_size_matches_the_estimate():
     unet = tiny.motion_unet()
     d, g = VideoDenoiser(unet, AD), single(Branch(tiny.text(1)))
     grid = AD.timesteps(8, "trailing")[4:]                                # 499, 374, 249, 124
-    layers = resolve_layers(unet, "shallow")
+    layers = resolve_layers(layer_table(unet), "shallow")
     for dtype in (torch.float16, torch.float32):
         bank = FeatureBank(FRAMES, (16, 8), AD, dtype=dtype)
         with d.controlled(AttentionController(layers, bank, "capture", grid[:2])):
             ddim_invert(d, torch.randn(1, 4, FRAMES, 16, 8, generator=torch.Generator().manual_seed(0)), grid, g)
         assert bank.timesteps == (499, 374) and set(bank.layers) == set(layers)
-        assert bank.nbytes == estimate_bank_bytes(unet, layers, FRAMES, (16, 8), 2, dtype)
+        assert bank.nbytes == estimate_bank_bytes(layer_table(unet), layers, FRAMES, (16, 8), 2, dtype)
         assert all(x.dtype == dtype and x.device.type == "cpu" for e in bank.entries.values() for x in e)
     with pytest.raises(ValueError, match=r"GiB.*budget of 0\.5 GiB.*fewer layers"):
         check_budget(int(0.75 * 1024 ** 3), 0.5, "VBEVSRefine", 9, 4)
@@ -224,7 +225,7 @@ def test_estimate_at_real_size_matches_the_documented_figure():
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
-    per_step = estimate_bank_bytes(unet, resolve_layers(unet, "shallow"), 16, (64, 64), 1) / 1024 ** 3
+    per_step = estimate_bank_bytes(layer_table(unet), resolve_layers(layer_table(unet), "shallow"), 16, (64, 64), 1) / 1024 ** 3
     assert 0.6 < per_step < 0.65, per_step
 
 
@@ -237,13 +238,13 @@ def test_a_bank_that_does_not_fit_is_refused_with_the_input_named():
         (dict(num_frames=6, latent_hw=(8, 8)), "6"),
         (dict(num_frames=FRAMES, latent_hw=(16, 16)), "128x128"),
         (dict(num_frames=FRAMES, latent_hw=(8, 8), schedule=SD), "schedule"),
-        (dict(num_frames=FRAMES, latent_hw=(8, 8), layers=resolve_layers(unet, "shallow")), "no features"),
+        (dict(num_frames=FRAMES, latent_hw=(8, 8), layers=resolve_layers(layer_table(unet), "shallow")), "no features"),
         (dict(num_frames=FRAMES, latent_hw=(8, 8), timesteps=[374, 249]), "none of the sampled"),
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError, match=f"attention_bank.*{msg}"):
             bank.check_compatible("attention_bank", **kw)
-    bank.check_compatible("attention_bank", FRAMES, (8, 8), AD, resolve_layers(unet, "deep"), [499])
+    bank.check_compatible("attention_bank", FRAMES, (8, 8), AD, resolve_layers(layer_table(unet), "deep"), [499])
     with pytest.raises(ValueError, match="empty"):
         FeatureBank(FRAMES, (8, 8)).check_compatible("attention_bank", FRAMES, (8, 8))
     # injected into a UNet of another width: refused inside the call with the layer named

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from videobridge.core.attention import AttentionController, FeatureBank, resolve_layers
+from videobridge.core.attention import AttentionController, FeatureBank, layer_table, resolve_layers
 from videobridge.core.context import ContextWindows, WindowedDenoiser, fuse_weights, windows
 from videobridge.core.denoisers import Branch, VideoDenoiser, cfg
 from videobridge.core.models import use_per_frame_motion_norm
@@ -89,7 +89,7 @@ def test_attention_capture_and_injection_are_keyed_by_window():
     use_per_frame_motion_norm(unet)
     opts = ContextWindows(4, 2)
     den = WindowedDenoiser(VideoDenoiser(unet, AD), opts)
-    layers = resolve_layers(unet, "deep")
+    layers = resolve_layers(layer_table(unet), "deep")
     x = torch.randn(1, 4, 6, 8, 8, generator=torch.Generator().manual_seed(2))
     g = cfg(Branch(tiny.text(1)), Branch(tiny.text(2)), 1.0)      # one branch: injection feeds every branch the cond's
     bank = FeatureBank(6, (8, 8), AD, dtype=torch.float32)

@@ -330,3 +330,61 @@ def test_i4vgen_on_a_native_image_model_equals_the_vb_image_model(N, native_sd15
         run(N["VBSelectAnchor"], **dict(nat, negative=None), **select)
     with pytest.raises(ValueError, match="VBI4VGen: vae: a native model needs its VAE"):
         one_box(N, None, zeroscope, **nat)
+
+
+@torch.no_grad()
+def test_native_attention_control_equals_the_diffusers_processor(model, vb_full):
+    """SFI capture and injection through ComfyUI's attention replace patches: the same layer names, sizes, captured
+    Q/K/V and injected eps as the diffusers processor on the same weights, with the branch roles read per call; the
+    patches live only in the run's options (the MODEL keeps none); a layer the MODEL already replaces is refused."""
+    from videobridge.core.attention import AttentionController, FeatureBank, layer_kind, layer_table
+    from videobridge.core.denoisers import Branch, UNet2DDenoiser, cfg
+    from videobridge.nodes import native, runtime
+
+    sched = native.schedule_of(model, "model")
+    unet = vb_full.model.unet
+    plan = native.NativeDenoiser(model, sched)
+    spatial = {n: v for n, v in layer_table(unet).items() if layer_kind(n) != "temporal"}
+    assert {n: v[1:] for n, v in plan.layers.items()} == spatial
+    assert plan.layers["up_blocks.1.attentions.0.transformer_blocks.0.attn1"][0] == ("output", 3, 0)
+    layers = plan.attention_layers("shallow")
+    assert plan.bank_bytes(layers, FRAMES, (8, 8), 1) == UNet2DDenoiser(unet, sched).bank_bytes(layers, FRAMES,
+                                                                                                 (8, 8), 1)
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=g) for _ in range(2))
+    text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
+    positive, negative = conds(vb_full, "a cat", "")
+    t = 501
+    before = state(model)
+
+    def both(x, ctl, guide):
+        vb = UNet2DDenoiser(unet, sched)
+        with vb.controlled(ctl[0]):
+            ours = vb(x, t, guide)
+
+        def loop(den):
+            with den.controlled(ctl[1]):
+                return den(x, t, native.guidance(7.5))
+        return ours, native.run(model, {"positive": positive, "negative": negative}, x, [t], sched, loop)
+
+    banks = [FeatureBank(FRAMES, (SIZE // 8,) * 2, sched, torch.float32) for _ in range(2)]
+    guide = cfg(Branch(text), Branch(null), 7.5)
+    both(x, [AttentionController(layers, b, "capture") for b in banks], guide)
+    assert set(banks[0].entries) == set(banks[1].entries) == {(n, t) for n in layers}
+    for key, ours in banks[0].entries.items():
+        for a, b in zip(ours, banks[1].entries[key]):      # the cond branch's Q/K/V, not the uncond one
+            assert float((a - b).abs().max() / a.abs().max()) < 1e-4, key
+    plain = native.run(model, {"positive": positive, "negative": negative}, y, [t], sched,
+                       lambda den: den(y, t, native.guidance(7.5)))
+    ours, theirs = both(y, [AttentionController(layers, b, "inject", gamma=0.8) for b in banks], guide)
+    assert float((ours - theirs).abs().max() / ours.abs().max()) < 1e-4
+    assert float((theirs - plain).abs().max() / plain.abs().max()) > 1e-2      # the injection does something
+    assert same_state(before, state(model))
+
+    patched = model.clone()
+    patched.set_model_attn1_replace(lambda q, k, v, extra: q, "output", 3, 0)
+    with pytest.raises(ValueError, match=r"model: this MODEL already replaces the attention of "
+                                         r"up_blocks.1.attentions.0.transformer_blocks.0.attn1"):
+        native.run(patched, {"positive": positive}, y, [t], sched, lambda den: den.controlled(
+            AttentionController(layers, banks[0], "inject")).__enter__())
+    assert list(patched.model_options["transformer_options"]["patches_replace"]["attn1"]) == [("output", 3, 0)]
