@@ -141,7 +141,8 @@ def main(argv=None) -> int:
             edit = P2P.Prompt2PromptEdit("replace", int(0.4 * (args.steps + 1)), int(0.4 * args.steps),
                                          mapper=torch.eye(77), blend_tokens=blend)
             measure("BIVDiff 1 Prompt2Prompt (invert + edit, LocalBlend)", lambda: P2P.invert_and_edit(
-                image, z, grid_i, edit, t_i, t_e, n_i, n_i, 7.5), device)
+                image, z, grid_i, edit, P2P.pair_guidance(t_i, t_e, n_i, 7.5, z.shape[2]), single(Branch(n_i))),
+                device)
             inv = measure("BIVDiff 2 image inversion (AnimateDiff grid)", lambda: ddim_invert(
                 on_schedule(image, ad), z, grid_v, single(Branch(n_i))), device)
             measure("BIVDiff 3 smoothing, AnimateDiff", lambda: bivdiff.temporal_smoothing(video, inv, grid_v, g_v),

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     def p2p(e):
         def run():
             d = UNet2DDenoiser(unet, sd)
-            P.prompt2prompt(d, x, grid, e, src, dst, null, 7.5)
+            P.prompt2prompt(d, x, grid, e, P.pair_guidance(src, dst, null, 7.5, x.shape[2]))
             return d.calls
         return run
 

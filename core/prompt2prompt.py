@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .attention import CallContext, layer_kind
 from .callbacks import NO_CALLBACKS, Callbacks
-from .denoisers import Branch, cfg, single
+from .denoisers import Branch, Guidance, cfg
 from .samplers import ddim_invert, ddim_sample
 
 MAX_TOKENS = 77
@@ -389,22 +389,29 @@ def interleave(x: torch.Tensor) -> torch.Tensor:
     return x.repeat_interleave(2, dim=2)
 
 
+def pair_guidance(source_text: torch.Tensor, edit_text: torch.Tensor, null_text: torch.Tensor, cfg_scale: float,
+                  num_frames: int) -> Guidance:
+    """Classifier-free guidance over the interleaved rows: the conditional branch gives the source prompt to every
+    source copy and the edit prompt to every edit copy (``[2F, 77, D]``: source, edit, source, ...); the negative
+    prompt is the unconditional one. Embeddings ``[1, 77, D]``. (A native backend gets the same rows from a
+    ``[2, 77, D]`` cond that ComfyUI repeats to the batch.)"""
+    return cfg(Branch(torch.cat([source_text, edit_text]).repeat(num_frames, 1, 1)), Branch(null_text), cfg_scale)
+
+
 def prompt2prompt(image_denoiser, x_t: torch.Tensor, timesteps: Sequence[int], edit: Prompt2PromptEdit,
-                  source_text: torch.Tensor, edit_text: torch.Tensor, null_text: torch.Tensor,
-                  cfg_scale: float = 7.5, callbacks: Callbacks = NO_CALLBACKS) -> tuple:
+                  guidance: Guidance, callbacks: Callbacks = NO_CALLBACKS) -> tuple:
     """Frame-wise Prompt2Prompt (METHODS.md §2.2 step 3): DDIM-sample ``[x_T, x_T]`` of every frame with the source
     and the edit prompt under the P2P controller; LocalBlend after each step when ``edit.blend_tokens`` is set.
 
-    image_denoiser: a ``UNet2DDenoiser`` over the base SD1.5 UNet (its frame chunks are made whole pairs).
-    x_t: ``[1, 4, F, h, w]`` scaled latent at ``timesteps[0]`` (a DDIM inversion of the source frames, or noise).
-    source_text / edit_text / null_text: ``[1, 77, D]`` embeddings. Returns ``(z_source, z_edit)``, clean latents
-    ``[1, 4, F, h, w]`` float32: the source reconstruction and the edited frames.
+    image_denoiser: a frame-wise image denoiser over the base SD1.5 UNet (``frame_group``: its frame chunks are made
+    whole pairs). x_t: ``[1, 4, F, h, w]`` scaled latent at ``timesteps[0]`` (a DDIM inversion of the source frames,
+    or noise). guidance: over the interleaved ``2F`` rows, the source prompt on even rows and the edit prompt on odd
+    ones (``pair_guidance``). Returns ``(z_source, z_edit)``, clean latents ``[1, 4, F, h, w]`` float32: the source
+    reconstruction and the edited frames. Raises ValueError for a video denoiser.
     """
     if image_denoiser.kind != "image" or not hasattr(image_denoiser, "frame_group"):
         raise ValueError("Prompt2Prompt needs a frame-wise image denoiser (base SD1.5)")
     n, hw = x_t.shape[2], tuple(x_t.shape[-2:])
-    text = torch.cat([source_text, edit_text]).repeat(n, 1, 1)                          # [2F, 77, D]
-    guidance = cfg(Branch(text), Branch(null_text), cfg_scale)
     controller = Prompt2PromptController(edit, n, hw)
     if callbacks.progress is not None:                              # previews show the edit copies
         progress = callbacks.progress
@@ -422,12 +429,10 @@ def prompt2prompt(image_denoiser, x_t: torch.Tensor, timesteps: Sequence[int], e
 
 
 def invert_and_edit(image_denoiser, z0: torch.Tensor, timesteps: Sequence[int], edit: Prompt2PromptEdit,
-                    source_text: torch.Tensor, edit_text: torch.Tensor, null_text: torch.Tensor,
-                    inversion_text: torch.Tensor, cfg_scale: float = 7.5,
-                    callbacks: Callbacks = NO_CALLBACKS) -> tuple:
+                    guidance: Guidance, inversion_guidance: Guidance, callbacks: Callbacks = NO_CALLBACKS) -> tuple:
     """BIVDiff's Prompt2Prompt image model on a video (METHODS.md §2.2, steps 2-4): DDIM-invert the source frames'
-    clean latent ``z0`` ``[1, 4, F, h, w]`` frame-wise with ``inversion_text`` (``""`` by default, §7.1 B5) and no
-    guidance, then ``prompt2prompt`` from the result. Returns ``(z_source, z_edit)`` clean latents, float32."""
-    x_t = ddim_invert(image_denoiser, z0, timesteps, single(Branch(inversion_text)), callbacks=callbacks)
-    return prompt2prompt(image_denoiser, x_t, timesteps, edit, source_text, edit_text, null_text, cfg_scale,
-                         callbacks=callbacks)
+    clean latent ``z0`` ``[1, 4, F, h, w]`` frame-wise with ``inversion_guidance`` (one branch, the prompt ``""``
+    by default, §7.1 B5; no guidance), then ``prompt2prompt`` with ``guidance`` from the result. Returns
+    ``(z_source, z_edit)`` clean latents, float32."""
+    x_t = ddim_invert(image_denoiser, z0, timesteps, inversion_guidance, callbacks=callbacks)
+    return prompt2prompt(image_denoiser, x_t, timesteps, edit, guidance, callbacks=callbacks)

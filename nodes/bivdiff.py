@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from ..core import bivdiff, evs
 from ..core import prompt2prompt as P2P
 from ..core.attention import FeatureBank, check_gamma
@@ -169,7 +171,9 @@ class VBPrompt2PromptEdit(io.ComfyNode):
                         "edits generated frames (both copies from the same seeded noise). Outputs the edited frames "
                         "and their re-encoded latent for VBDDIMInvert (BIVDiff alpha 0.25).",
             inputs=[
-                types.ImageModel.Input("image_model", tooltip="Base SD1.5 model (4-channel UNet)."),
+                types.ImageModel.Input("image_model", optional=True,
+                                       tooltip="Base SD1.5 model (4-channel UNet); or connect a native MODEL, CLIP "
+                                               "and VAE to model, clip and vae."),
                 io.String.Input("source_prompt", multiline=True, default="",
                                 tooltip="Describes the source video, e.g. 'a cat sitting on grass'."),
                 io.String.Input("edit_prompt", multiline=True, default="",
@@ -217,6 +221,15 @@ class VBPrompt2PromptEdit(io.ComfyNode):
                                                 tooltip="Prompt of the frames' DDIM inversion: empty as in the "
                                                         "official BIVDiff code, or the source prompt (what its "
                                                         "comment intended).")),
+                io.Model.Input("model", optional=True,
+                               tooltip="A native base SD1.5 MODEL (CheckpointLoaderSimple, LoRAs, patches) instead of "
+                                       "image_model; the attention edits go through ComfyUI's attention patches."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The CLIP of a native model: it encodes the three prompts (CLIP skip and CLIP "
+                                      "LoRAs apply) and its tokenizer maps words to tokens. Plain words only: no "
+                                      "'(word:1.2)' weighting or embeddings in the source and edit prompts."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The VAE of a native model: encodes the source frames and decodes the edit."),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="The edited frames."),
                      io.Latent.Output(display_name="latent",
@@ -227,24 +240,36 @@ class VBPrompt2PromptEdit(io.ComfyNode):
                                              "Far from the input means the inversion lost the video.")])
 
     @classmethod
-    def execute(cls, image_model, source_prompt, edit_prompt, mode, negative_prompt, seed, steps, cfg, n_cross,
-                n_self, reweight, blend_source_words, blend_edit_words, width, height, frames, frame_batch_size,
-                images=None, blend_threshold=P2P.DEFAULT_THRESHOLD,
-                inversion_prompt=P2P_INVERSION[0]) -> io.NodeOutput:
+    def execute(cls, source_prompt, edit_prompt, mode, negative_prompt, seed, steps, cfg, n_cross, n_self, reweight,
+                blend_source_words, blend_edit_words, width, height, frames, frame_batch_size, image_model=None,
+                images=None, blend_threshold=P2P.DEFAULT_THRESHOLD, inversion_prompt=P2P_INVERSION[0], model=None,
+                clip=None, vae=None) -> io.NodeOutput:
         node = "VBPrompt2PromptEdit"
-        m = image_model.model
-        if m.variant != "base":
-            raise ValueError(f"{node}: image_model: Prompt2Prompt runs on a base SD1.5 model (4-channel UNet); this is "
-                             f"an {m.variant} model")
         for name, text in (("source_prompt", source_prompt), ("edit_prompt", edit_prompt)):
             if not text.strip():
                 raise ValueError(f"{node}: {name} is empty; Prompt2Prompt edits a prompt into another")
+        is_native = native.one_model(node, "image_model", image_model, model, "VBLoadImageModel")
+        if is_native:
+            for name, given in (("clip", clip), ("vae", vae)):
+                if given is None:
+                    raise ValueError(f"{node}: {name}: a native model needs its {name.upper()} too "
+                                     f"(CheckpointLoaderSimple's {name.upper()} output)")
+            tokenizer = native.clip_tokenizer(clip, f"{node}: clip")
+            for name, text in (("source_prompt", source_prompt), ("edit_prompt", edit_prompt)):
+                native.plain_prompt(clip, tokenizer, text, f"{node}: {name}")
+            schedule = native.schedule_of(model, f"{node}: model")
+        else:
+            m = image_model.model
+            if m.variant != "base":
+                raise ValueError(f"{node}: image_model: Prompt2Prompt runs on a base SD1.5 model (4-channel UNet); "
+                                 f"this is an {m.variant} model")
+            tokenizer, schedule = m.tokenizer, m.schedule
         src_words, dst_words = P2P.parse_words(blend_source_words), P2P.parse_words(blend_edit_words)
         if bool(src_words) != bool(dst_words):
             raise ValueError(f"{node}: blend_{'edit' if src_words else 'source'}_words is empty; LocalBlend needs "
                              "words of both prompts (or neither)")
         try:
-            edit = P2P.make_edit(m.tokenizer, source_prompt, edit_prompt, mode, steps, n_cross, n_self,
+            edit = P2P.make_edit(tokenizer, source_prompt, edit_prompt, mode, steps, n_cross, n_self,
                                  P2P.parse_reweight(reweight), (src_words, dst_words) if src_words else None,
                                  blend_threshold)
         except ValueError as e:
@@ -254,13 +279,18 @@ class VBPrompt2PromptEdit(io.ComfyNode):
         else:
             n, H, W = frames, height, width
         check_size("images" if images is not None else "width/height", H, W)
-        hw, vae = (H // 8, W // 8), m.vae
+        hw = (H // 8, W // 8)
+        prompts = [source_prompt, edit_prompt, negative_prompt,
+                   source_prompt if inversion_prompt == P2P_INVERSION[1] else ""]
+        grid = schedule.timesteps(steps)
+        if is_native:
+            return cls.native(model, clip, vae, prompts, edit, grid, cfg, seed, images, n, hw, schedule)
+        vae = m.vae
         chunks = -(-n // 8)
         progress = runtime.Progress((steps + chunks) * (2 if images is not None else 1) + 2 * chunks)
         cb = progress.callbacks
-        texts = runtime.encode(image_model, [source_prompt, edit_prompt, negative_prompt,
-                                             source_prompt if inversion_prompt == P2P_INVERSION[1] else ""])
-        src_t, dst_t, null_t, inv_t = texts.split(1)
+        src_t, dst_t, null_t, inv_t = runtime.encode(image_model, prompts).split(1)
+        guidance = P2P.pair_guidance(src_t, dst_t, null_t, cfg, n)
         K = 1 + (cfg > 1)
         if images is not None:
             runtime.load(image_model.vae)
@@ -269,19 +299,45 @@ class VBPrompt2PromptEdit(io.ComfyNode):
         device = runtime.load(image_model.unet, rows=2 * K * n, latent_hw=hw)
         denoiser = UNet2DDenoiser(m.unet, m.schedule,
                                   frame_batch_size=runtime.frame_chunk(frame_batch_size, 2 * n, K, hw))
-        grid = m.schedule.timesteps(steps)
         if images is not None:
-            z_src, z_edit = P2P.invert_and_edit(denoiser, z0.to(device), grid, edit, src_t, dst_t, null_t, inv_t,
-                                                cfg, callbacks=cb)
+            z_src, z_edit = P2P.invert_and_edit(denoiser, z0.to(device), grid, edit, guidance, single(Branch(inv_t)),
+                                                callbacks=cb)
         else:
             noise = initial_noise((1, 4, n, *hw), seed).to(device)
-            z_src, z_edit = P2P.prompt2prompt(denoiser, noise, grid, edit, src_t, dst_t, null_t, cfg, callbacks=cb)
+            z_src, z_edit = P2P.prompt2prompt(denoiser, noise, grid, edit, guidance, callbacks=cb)
         runtime.load(image_model.vae)
         edited = decode_video(vae, z_edit, callbacks=cb)
         source = decode_video(vae, z_src, callbacks=cb)
         z0_edit = encode_video(vae, edited, callbacks=cb)                 # Z0 = E(D(z)), METHODS.md §2.2
         return io.NodeOutput(runtime.video_to_image(edited), runtime.to_latent(z0_edit, vae_scale(vae)),
                              runtime.video_to_image(source))
+
+    @staticmethod
+    def native(model, clip, vae, prompts, edit, grid, cfg, seed, images, n, hw, schedule) -> io.NodeOutput:
+        """Prompt2Prompt on a native MODEL (``nodes.native``): the prompts encoded by ``clip``; the source and edit
+        copies get their prompts from one ``[2, 77, D]`` cond that ComfyUI repeats over the interleaved rows; the
+        attention edits go through ComfyUI's attention patches; frames are encoded and decoded by ``vae``."""
+        src, dst, null, inv = (clip.encode_from_tokens(clip.tokenize(p)) for p in prompts)
+        conds = {"positive": [[torch.cat([src, dst]), {}]], "negative": [[null, {}]], "inversion": [[inv, {}]]}
+        scale = model.model.latent_format.scale_factor
+        progress = runtime.Progress(len(grid) * (2 if images is not None else 1))
+        cb = progress.callbacks
+        device = runtime.mm.get_torch_device()
+        if images is not None:
+            z0 = native.vae_encode(vae, runtime.image_to_video(images, "images", device), scale)
+
+        def loop(den):
+            if images is not None:
+                return P2P.invert_and_edit(den, z0, grid, edit, native.guidance(cfg), single(Branch("inversion")),
+                                           callbacks=cb)
+            return P2P.prompt2prompt(den, initial_noise((1, 4, n, *hw), seed).to(device), grid, edit,
+                                     native.guidance(cfg), callbacks=cb)
+
+        z_src, z_edit = native.run(model, conds, torch.zeros(1, 4, 2 * n, *hw, device=device), grid, schedule, loop,
+                                   seed=seed)
+        edited = native.vae_decode(vae, z_edit, scale)
+        z0_edit = native.vae_encode(vae, runtime.image_to_video(edited, "images", device), scale)   # Z0 = E(D(z))
+        return io.NodeOutput(edited, runtime.to_latent(z0_edit, scale), native.vae_decode(vae, z_src, scale))
 
 
 class VBDDIMInvert(io.ComfyNode):
@@ -333,9 +389,11 @@ class VBDDIMInvert(io.ComfyNode):
                 widgets.bank_storage(),
                 widgets.bank_budget(),
                 io.Model.Input("model", optional=True,
-                               tooltip="A native SD1.5 MODEL (CheckpointLoaderSimple, LoRAs, patches) for the "
-                                       "frame-wise inversion, instead of image_model; the inversion prompt is then "
-                                       "the conditioning input."),
+                               tooltip="A native SD1.5 MODEL (CheckpointLoaderSimple, LoRAs, patches) instead of "
+                                       "image_model for the frame-wise inversion, or a motion-injected one "
+                                       "(AnimateDiff-Evolved) instead of video_model when invert_with is the video "
+                                       "model (attention capture works on it); the inversion prompt is then the "
+                                       "conditioning input."),
                 io.Conditioning.Input("conditioning", optional=True,
                                       tooltip="Inversion prompt for a native model (CLIPTextEncode of an empty "
                                               "prompt, as in the paper)."),
@@ -356,9 +414,14 @@ class VBDDIMInvert(io.ComfyNode):
             raise ValueError(f"{node}: latent: already noisy (timestep {latent['vb_timestep']}); invert a clean "
                              "latent from VBFramewiseGenerate or VBEncodeFrames")
         use_image = invert_with == INVERT_WITH[0]
+        capture = capture_attention != CAPTURE[0]
+        if capture and (use_image or legacy_grid):
+            raise ValueError(f"{node}: capture_attention: features are captured from a video-model inversion on the "
+                             f"sampler's grid; set invert_with to '{INVERT_WITH[1]}' and legacy_grid off")
         if model is not None:
             return cls.native(node, latent, use_image, steps, fixed_point_iterations, legacy_grid, inflated_groupnorm,
-                              image_model, video_model, model, conditioning)
+                              image_model, video_model, model, conditioning, capture_attention, custom_layers,
+                              capture_steps, bank_storage, bank_budget_gb)
         if use_image and image_model is None:
             raise ValueError(f"{node}: image_model: invert_with is '{invert_with}' but no image_model is connected")
         if not use_image and video_model is None:
@@ -367,10 +430,6 @@ class VBDDIMInvert(io.ComfyNode):
         spacing = video_model.model.spacing if video_model is not None else "leading"
         grid = master.timesteps(steps, spacing)
         scale = latent_scale(video_model, image_model)
-        capture = capture_attention != CAPTURE[0]
-        if capture and (use_image or legacy_grid):
-            raise ValueError(f"{node}: capture_attention: features are captured from a video-model inversion on the "
-                             f"sampler's grid; set invert_with to '{INVERT_WITH[1]}' and legacy_grid off")
         progress = runtime.Progress(steps)
         frames, hw = latent["samples"].shape[-4 if latent["samples"].dim() == 4 else -3], \
             tuple(latent["samples"].shape[-2:])
@@ -397,29 +456,38 @@ class VBDDIMInvert(io.ComfyNode):
             z = ddim_invert(denoiser, z0, grid, guidance, fixed_point_iters=fixed_point_iterations,
                             legacy_grid=legacy_grid, callbacks=progress.callbacks)
         else:
-            try:
-                layers = denoiser.attention_layers(custom_layers if capture_attention == "custom"
-                                                   else capture_attention)
-            except ValueError as e:                                      # its message starts with "layers:"
-                where_from = "custom_" if capture_attention == "custom" else f"capture_attention {capture_attention}: "
-                raise ValueError(f"{node}: {where_from}{e}") from None
-            kept = grid[:capture_steps] if capture_steps else grid
-            evs.check_bank_budget(denoiser, layers, z0.shape, len(kept), bank_budget_gb, node, dtype)
+            layers, kept = cls.capture_plan(node, denoiser, capture_attention, custom_layers, grid, capture_steps,
+                                            z0.shape, bank_budget_gb, dtype)
             z, bank = evs.sfi_invert(denoiser, z0, grid, guidance, layers, kept,
                                      fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
                                      callbacks=progress.callbacks)
         return io.NodeOutput(runtime.to_latent(z, scale, timestep=grid[0], schedule=master, grid=grid), bank)
 
+    @staticmethod
+    def capture_plan(node, denoiser, capture_attention, custom_layers, grid, capture_steps, shape, budget_gb,
+                     dtype) -> tuple:
+        """The layers and timesteps to capture, ``(layers, kept)``, checked before any work: known spatial layers
+        (errors name capture_attention or custom_layers) and a bank within ``budget_gb``."""
+        try:
+            layers = denoiser.attention_layers(custom_layers if capture_attention == "custom" else capture_attention)
+        except ValueError as e:                                          # its message starts with "layers:"
+            where_from = "custom_" if capture_attention == "custom" else f"capture_attention {capture_attention}: "
+            raise ValueError(f"{node}: {where_from}{e}") from None
+        kept = grid[:capture_steps] if capture_steps else grid
+        evs.check_bank_budget(denoiser, layers, shape, len(kept), budget_gb, node, dtype)
+        return layers, kept
+
     @classmethod
     def native(cls, node, latent, use_image, steps, fixed_point_iterations, legacy_grid, inflated_groupnorm,
-               image_model, video_model, model, conditioning) -> io.NodeOutput:
-        """Frame-wise inversion with a native ComfyUI MODEL (``nodes.native``): the same core inversion on the same
-        grid, so the result carries the same timestep, schedule and grid as with a VB image model."""
-        if not use_image:
-            raise ValueError(f"{node}: model: a native MODEL inverts frame-wise; set invert_with to "
-                             f"'{INVERT_WITH[0]}' (video models stay VB video models)")
-        if image_model is not None:
-            raise ValueError(f"{node}: model and image_model are both connected; connect one image model")
+               image_model, video_model, model, conditioning, capture_attention, custom_layers, capture_steps,
+               bank_storage, bank_budget_gb) -> io.NodeOutput:
+        """Inversion with a native ComfyUI MODEL (``nodes.native``): frame-wise with an SD1.5 MODEL, or over the
+        whole clip with a motion-injected one (``invert_with`` video model; attention capture through ComfyUI's
+        attention patches). The same core inversion on the same grid, so the result carries the same timestep,
+        schedule and grid as with VB models."""
+        if (image_model if use_image else video_model) is not None:
+            raise ValueError(f"{node}: model and {'image' if use_image else 'video'}_model are both connected; "
+                             f"connect one {'image' if use_image else 'video'} model")
         if conditioning is None:
             raise ValueError(f"{node}: conditioning: a native model needs its inversion prompt as CONDITIONING "
                              "(CLIPTextEncode with an empty prompt, as in the paper)")
@@ -431,10 +499,23 @@ class VBDDIMInvert(io.ComfyNode):
         scale = latent_scale(video_model)
         z0 = runtime.from_latent(latent, "latent", scale, runtime.mm.get_torch_device())
         progress = runtime.Progress(steps)
-        z = native.run(model, {"positive": conditioning}, z0, grid, schedule, lambda den: ddim_invert(
-            on_schedule(den, master), z0, grid, single(Branch("positive")), fixed_point_iters=fixed_point_iterations,
-            legacy_grid=legacy_grid, callbacks=progress.callbacks))
-        bank = FeatureBank(z0.shape[2], tuple(z0.shape[-2:]), master)
+        dtype, where = widgets.storage(bank_storage)
+        kind = "image" if use_image else "video"
+        capture = capture_attention != CAPTURE[0]
+        if capture:
+            layers, kept = cls.capture_plan(node, native.NativeDenoiser(model, schedule, kind), capture_attention,
+                                            custom_layers, grid, capture_steps, z0.shape, bank_budget_gb, dtype)
+
+        def loop(den):
+            if capture:
+                return evs.sfi_invert(den, z0, grid, single(Branch("positive")), layers, kept,
+                                      fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
+                                      callbacks=progress.callbacks)
+            return ddim_invert(on_schedule(den, master), z0, grid, single(Branch("positive")),
+                               fixed_point_iters=fixed_point_iterations, legacy_grid=legacy_grid,
+                               callbacks=progress.callbacks), FeatureBank(z0.shape[2], tuple(z0.shape[-2:]), master)
+
+        z, bank = native.run(model, {"positive": conditioning}, z0, grid, schedule, loop, kind=kind)
         return io.NodeOutput(runtime.to_latent(z, scale, timestep=grid[0], schedule=master, grid=grid), bank)
 
 
@@ -518,15 +599,7 @@ class VBVideoDenoise(io.ComfyNode):
                 widgets.attention_bank_input(),
                 widgets.sfi_gamma(),
                 widgets.sfi_layers([widgets.ALL_IN_BANK, *widgets.PRESETS], widgets.ALL_IN_BANK),
-                io.Model.Input("model", optional=True,
-                               tooltip="A native SD1.5 MODEL with a motion module injected (AnimateDiff-Evolved's "
-                                       "Apply AnimateDiff Model / Use Evolved Sampling, with its context options) as "
-                                       "the video model, instead of video_model; its prompts are then positive and "
-                                       "negative. The whole clip is one batch."),
-                io.Conditioning.Input("positive", optional=True,
-                                      tooltip="Video prompt P* for a native model (CLIPTextEncode)."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative prompt for a native model (needed when cfg > 1)."),
+                *widgets.native_video_model(),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="Clean latent video (unscaled; VAEDecode-able).")])
 
@@ -536,7 +609,8 @@ class VBVideoDenoise(io.ComfyNode):
                 negative=None) -> io.NodeOutput:
         node = "VBVideoDenoise"
         if native.one_model(node, "video_model", video_model, model, "VBLoadVideoModel"):
-            return cls.native(node, latent, seed, steps, cfg, strength, attention_bank, model, positive, negative)
+            return cls.native(node, latent, seed, steps, cfg, strength, attention_bank, sfi_gamma, sfi_layers, model,
+                              positive, negative)
         vm = video_model.model
         grid = cls.grid(node, latent, vm.schedule, vm.spacing, steps, strength)
         noisy = runtime.is_noisy(latent)
@@ -545,17 +619,7 @@ class VBVideoDenoise(io.ComfyNode):
         denoiser = runtime.video_denoiser(video_model)
         inject = contextlib.nullcontext()
         if attention_bank is not None:
-            try:
-                check_gamma(sfi_gamma)
-            except ValueError as e:
-                raise ValueError(f"{node}: {e}") from None
-            try:
-                layers = attention_bank.layers if sfi_layers == widgets.ALL_IN_BANK else \
-                    denoiser.attention_layers(sfi_layers)
-            except ValueError as e:                                      # its message starts with "layers:"
-                raise ValueError(f"{node}: sfi_{e}") from None
-            attention_bank.check_compatible(f"{node}: attention_bank", z.shape[2], tuple(z.shape[-2:]), vm.schedule,
-                                            layers, grid)
+            layers = cls.injected_layers(node, denoiser, attention_bank, sfi_gamma, sfi_layers, z.shape, grid)
             inject = evs.injecting(denoiser, attention_bank, layers, sfi_gamma)
         progress = runtime.Progress(len(grid))
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
@@ -570,6 +634,21 @@ class VBVideoDenoise(io.ComfyNode):
                 noise = video_noise(denoiser, initial_noise(z.shape, seed), seed).to(device)
                 out = sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
         return io.NodeOutput(runtime.to_latent(out, scale))
+
+    @staticmethod
+    def injected_layers(node, denoiser, bank, gamma, sfi_layers, shape, grid) -> tuple:
+        """The layers Selective Feature Injection reads from ``bank``, checked before any work: gamma in [0, 1],
+        known layers, and a bank from the same clip size, frame count, schedule and grid."""
+        try:
+            check_gamma(gamma)
+        except ValueError as e:
+            raise ValueError(f"{node}: {e}") from None
+        try:
+            layers = bank.layers if sfi_layers == widgets.ALL_IN_BANK else denoiser.attention_layers(sfi_layers)
+        except ValueError as e:                                          # its message starts with "layers:"
+            raise ValueError(f"{node}: sfi_{e}") from None
+        bank.check_compatible(f"{node}: attention_bank", shape[2], tuple(shape[-2:]), denoiser.schedule, layers, grid)
+        return layers
 
     @staticmethod
     def grid(node, latent, schedule, spacing, steps, strength) -> list:
@@ -589,25 +668,29 @@ class VBVideoDenoise(io.ComfyNode):
         return grid
 
     @classmethod
-    def native(cls, node, latent, seed, steps, cfg, strength, attention_bank, model, positive, negative):
+    def native(cls, node, latent, seed, steps, cfg, strength, attention_bank, sfi_gamma, sfi_layers, model, positive,
+               negative):
         """Temporal smoothing (or SDEdit) with a native motion-injected MODEL (``nodes.native``, kind "video"): the
-        same core sampler on the same grid as with a VB video model on the SD1.5 schedule."""
+        same core sampler on the same grid as with a VB video model on the SD1.5 schedule, with Selective Feature
+        Injection through ComfyUI's attention patches when a bank is connected."""
         conds = native.conds(node, positive, negative, native.cfg_need(cfg))
-        if attention_bank is not None:
-            raise ValueError(f"{node}: attention_bank: Selective Feature Injection runs on VB video models only; "
-                             "disconnect it or use VBLoadVideoModel")
         schedule = native.schedule_of(model, f"{node}: model")
         grid = cls.grid(node, latent, schedule, "leading", steps, strength)
         scale = model.model.latent_format.scale_factor
         z = runtime.from_latent(latent, "latent", scale, runtime.mm.get_torch_device())
+        if attention_bank is not None:
+            layers = cls.injected_layers(node, native.NativeDenoiser(model, schedule, "video"), attention_bank,
+                                         sfi_gamma, sfi_layers, z.shape, grid)
         progress = runtime.Progress(len(grid))
         guidance = native.guidance(cfg)
 
         def loop(denoiser):
-            if runtime.is_noisy(latent):
-                return bivdiff.temporal_smoothing(denoiser, z, grid, guidance, callbacks=progress.callbacks)
-            noise = initial_noise(z.shape, seed).to(z.device)
-            return sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
+            with evs.injecting(denoiser, attention_bank, layers, sfi_gamma) if attention_bank is not None \
+                    else contextlib.nullcontext():
+                if runtime.is_noisy(latent):
+                    return bivdiff.temporal_smoothing(denoiser, z, grid, guidance, callbacks=progress.callbacks)
+                noise = initial_noise(z.shape, seed).to(z.device)
+                return sdedit(denoiser, z, grid, guidance, noise, callbacks=progress.callbacks)
 
         return io.NodeOutput(runtime.to_latent(native.run(model, conds, z, grid, schedule, loop, kind="video",
                                                           seed=seed), scale))

@@ -75,9 +75,9 @@ class VBEncapsulatedT2V(io.ComfyNode):
                         "out. The video model SDEdits it from t_V for n_V steps (default), or inverts it to t_V and "
                         "denoises with Selective Feature Injection. VBEVSRefine runs it inside the T2I denoising.",
             inputs=[
-                types.VideoModel.Input("video_model",
+                types.VideoModel.Input("video_model", optional=True,
                                        tooltip="AnimateDiff (Lightning: load it with the trailing grid) or "
-                                               "ZeroScope/ModelScope."),
+                                               "ZeroScope/ModelScope; or connect a native motion MODEL to model."),
                 io.Latent.Input("latent", tooltip="Clean latent video (VBEncodeFrames, VBFramewiseGenerate)."),
                 io.String.Input("prompt", multiline=True, default="", tooltip="Prompt of the video model."),
                 io.String.Input("negative_prompt", multiline=True, default="",
@@ -95,25 +95,31 @@ class VBEncapsulatedT2V(io.ComfyNode):
                 widgets.bank_storage(),
                 widgets.bank_budget(),
                 widgets.attention_bank_input(),
+                *widgets.native_video_model(),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="Clean, temporally smoothed latent video.")])
 
     @classmethod
-    def execute(cls, video_model, latent, prompt, negative_prompt, seed, t2v_steps, t_V, n_V, cfg, block,
-                sfi_layers, sfi_gamma, fixed_point_iterations, bank_storage, bank_budget_gb,
-                attention_bank=None) -> io.NodeOutput:
+    def execute(cls, latent, prompt, negative_prompt, seed, t2v_steps, t_V, n_V, cfg, block, sfi_layers, sfi_gamma,
+                fixed_point_iterations, bank_storage, bank_budget_gb, video_model=None, attention_bank=None,
+                model=None, positive=None, negative=None) -> io.NodeOutput:
         node = "VBEncapsulatedT2V"
         if runtime.is_noisy(latent):
             raise ValueError(f"{node}: latent: it is noisy (timestep {latent['vb_timestep']}); the block takes a "
                              "clean latent (VBEncodeFrames)")
-        vm = video_model.model
-        scale = latent_scale(video_model)
+        is_native = native.one_model(node, "video_model", video_model, model, "VBLoadVideoModel")
+        if is_native:
+            conds = native.conds(node, positive, negative, native.cfg_need(cfg))
+            schedule, scale = native.schedule_of(model, f"{node}: model"), model.model.latent_format.scale_factor
+            denoiser, spacing = native.NativeDenoiser(model, schedule, "video"), "leading"
+        else:
+            scale, spacing = latent_scale(video_model), video_model.model.spacing
+            denoiser = runtime.video_denoiser(video_model)
         dtype, where = widgets.storage(bank_storage)
-        params = evs.EVSParams(t2v_steps=t2v_steps, t2v_spacing=vm.spacing, t_V=t_V, n_V=n_V, block=BLOCK[block],
+        params = evs.EVSParams(t2v_steps=t2v_steps, t2v_spacing=spacing, t_V=t_V, n_V=n_V, block=BLOCK[block],
                                sfi_layers=sfi_layers, sfi_gamma=sfi_gamma, fixed_point_iters=fixed_point_iterations,
                                bank_dtype=dtype, bank_device=where, bank_budget_gib=bank_budget_gb)
         z = runtime.from_latent(latent, "latent", scale, runtime.mm.intermediate_device())
-        denoiser = runtime.video_denoiser(video_model)
         if attention_bank is not None:                                  # injected, not captured: no bank to budget
             params = dataclasses.replace(params, bank_budget_gib=0.0)
         try:
@@ -121,19 +127,27 @@ class VBEncapsulatedT2V(io.ComfyNode):
         except ValueError as e:
             raise _named(node, e) from None
         progress = runtime.Progress(n_V + (len(grid_v) if params.block == "inversion_sfi" else 0))
+
+        def block_on(den, z, guidance):
+            try:
+                return evs.t2v_block(den, z, grid_v, n_V, guidance, mode=params.block,
+                                     noise=video_noise(den, initial_noise(z.shape, seed + evs.STREAMS["t2v"]),
+                                                       seed).to(z.device),
+                                     bank=attention_bank, sfi_layers=sfi_layers, sfi_gamma=sfi_gamma,
+                                     fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
+                                     callbacks=progress.callbacks)
+            except ValueError as e:
+                raise _named(node, e) from None
+
+        if is_native:
+            z = z.to(runtime.mm.get_torch_device())
+            out = native.run(model, conds, z, grid_v, schedule, lambda den: block_on(den, z, native.guidance(cfg)),
+                             kind="video", seed=seed)
+            return io.NodeOutput(runtime.to_latent(out, scale))
         text, null = runtime.encode(video_model, [prompt, negative_prompt]).split(1)
         device = runtime.load(video_model.unet, rows=runtime.video_rows(video_model, z.shape[2], 1 + (cfg > 1)),
                               latent_hw=tuple(z.shape[-2:]))
-        z = z.to(device)
-        try:
-            out = evs.t2v_block(denoiser, z, grid_v, n_V, cfg_guidance(Branch(text), Branch(null), cfg),
-                                mode=params.block,
-                                noise=video_noise(denoiser, initial_noise(z.shape, seed + evs.STREAMS["t2v"]), seed),
-                                bank=attention_bank, sfi_layers=sfi_layers, sfi_gamma=sfi_gamma,
-                                fixed_point_iters=fixed_point_iterations, bank_dtype=dtype, bank_device=where,
-                                callbacks=progress.callbacks)
-        except ValueError as e:
-            raise _named(node, e) from None
+        out = block_on(denoiser, z.to(device), cfg_guidance(Branch(text), Branch(null), cfg))
         return io.NodeOutput(runtime.to_latent(out, scale))
 
 

@@ -306,19 +306,22 @@ class VBNIVSDS(io.ComfyNode):
                         "model would make of it, with one noise drawn once for every update. Regenerate the result "
                         "with VBVideoDenoise (strength = p_re).",
             inputs=[
-                types.VideoModel.Input("video_model", tooltip="AnimateDiff (official) or another video model."),
+                types.VideoModel.Input("video_model", optional=True,
+                                       tooltip="AnimateDiff (official) or another video model; or connect a native "
+                                               "motion MODEL to model."),
                 io.Latent.Input("latent", tooltip="A clean video latent, usually VBStaticVideo's."),
                 io.String.Input("prompt", multiline=True, default="", tooltip="Video prompt."),
                 io.String.Input("negative_prompt", multiline=True, default="", tooltip="Negative prompt."),
                 widgets.seed("Seed of the constant NI-VSDS noise (nivsds stream)."),
                 _steps(), _cfg(what="the video model inside NI-VSDS"), _p_ni(), _step_sizes(),
                 _official_scheduler(),
+                *widgets.native_video_model(),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The optimised clean video latent.")])
 
     @classmethod
-    def execute(cls, video_model, latent, prompt, negative_prompt, seed, steps, cfg, p_ni, step_sizes,
-                official_scheduler_config) -> io.NodeOutput:
+    def execute(cls, latent, prompt, negative_prompt, seed, steps, cfg, p_ni, step_sizes, official_scheduler_config,
+                video_model=None, model=None, positive=None, negative=None) -> io.NodeOutput:
         node = "VBNIVSDS"
         try:
             params = i4vgen.I4VGenParams(steps=steps, cfg=cfg, p_ni=p_ni, step_sizes=i4vgen.parse_step_sizes(step_sizes),
@@ -328,6 +331,17 @@ class VBNIVSDS(io.ComfyNode):
         if runtime.is_noisy(latent):
             raise ValueError(f"{node}: latent: NI-VSDS takes a clean latent; this one is an inversion at timestep "
                              f"{latent['vb_timestep']}")
+        if native.one_model(node, "video_model", video_model, model, "VBLoadVideoModel"):
+            conds = native.conds(node, positive, negative, native.cfg_need(cfg))
+            schedule, scale = native.schedule_of(model, f"{node}: model"), model.model.latent_format.scale_factor
+            grid = i4vgen.video_stages(native.NativeDenoiser(model, schedule, "video"), params)[1]
+            z = runtime.from_latent(latent, "latent", scale, runtime.mm.get_torch_device())
+            noise = i4vgen.stream_noise(z.shape, seed, "nivsds").to(z.device)
+            progress = runtime.Progress(len(grid))
+            out = native.run(model, conds, z, grid, schedule, lambda den: i4vgen.ni_vsds(
+                i4vgen.video_stages(den, params)[0], z, noise, grid, native.guidance(cfg), params.step_sizes,
+                callbacks=progress.callbacks), kind="video", seed=seed)
+            return io.NodeOutput(runtime.to_latent(out, scale))
         scale = latent_scale(video_model)
         den, grid, _ = i4vgen.video_stages(runtime.video_denoiser(video_model), params)
         z = runtime.from_latent(latent, "latent", scale, "cpu")

@@ -92,6 +92,30 @@ def vae_decode(vae, z: torch.Tensor, scale: float) -> torch.Tensor:
     return vae.decode(rearrange(z, "1 c f h w -> f c h w") / scale).float()
 
 
+def clip_tokenizer(clip, name: str):
+    """The Hugging Face CLIP tokenizer a native SD1.5 ``CLIP`` tokenizes with (what Prompt2Prompt's word mappers
+    need). Raises ValueError naming input ``name`` for a CLIP of another family (SDXL's two encoders, T5, ...)."""
+    tok = clip.tokenizer
+    inner = getattr(tok, getattr(tok, "clip", ""), None)
+    if getattr(tok, "clip_name", None) != "l" or inner is None or not hasattr(inner, "tokenizer"):
+        raise ValueError(f"{name}: this CLIP is {type(tok).__name__}; an SD1.5 CLIP (one CLIP-L text encoder, "
+                         "CheckpointLoaderSimple of an SD1.5 checkpoint) is needed")
+    return inner.tokenizer
+
+
+def plain_prompt(clip, tokenizer, text: str, name: str) -> None:
+    """Raise ValueError naming input ``name`` unless ComfyUI reads ``text`` as exactly the plain CLIP tokens
+    (``tokenizer``'s): prompt weighting ``(word:1.2)``, embeddings and prompts over 75 tokens change the tokens or
+    their weights, which word-to-token mapping cannot follow."""
+    chunks = clip.tokenize(text)[clip.tokenizer.clip_name]
+    want = tokenizer(text).input_ids
+    ids = [t[0] for t in chunks[0]]
+    if len(chunks) > 1 or any(t[1] != 1.0 for c in chunks for t in c) or ids[:len(want)] != want:
+        raise ValueError(f"{name}: ComfyUI reads this prompt as other tokens than the plain CLIP tokenizer (prompt "
+                         "weighting '(word:1.2)', an embedding, or over 75 tokens); Prompt2Prompt maps words to "
+                         "token positions, so write plain words and strengthen words with reweight")
+
+
 def schedule_of(model, name: str) -> NoiseSchedule:
     """The core schedule of a native ``MODEL`` (a ComfyUI ModelPatcher): SD1.5's, after checking that the model is
     an SD1.5-family epsilon model on that schedule. Raises ValueError naming input ``name`` otherwise (SDXL, SD3,

@@ -91,3 +91,17 @@ def native_image_model(what: str, negative_for: str = "cfg > 1", vae: bool = Fal
                                    tooltip="The VAE for a native model (CheckpointLoaderSimple's VAE output): encodes "
                                            "and decodes the frames."))
     return inputs
+
+
+def native_video_model() -> list:
+    """The optional inputs that put a native motion-injected MODEL in place of a node's VB ``video_model``:
+    ``model``, ``positive``, ``negative``."""
+    return [io.Model.Input("model", optional=True,
+                           tooltip="A native SD1.5 MODEL with a motion module injected (AnimateDiff-Evolved's Apply "
+                                   "AnimateDiff Model / Use Evolved Sampling) as the video model, instead of "
+                                   "video_model; its prompts are then positive and negative. The whole clip is one "
+                                   "batch, on the SD1.5 'leading' grid."),
+            io.Conditioning.Input("positive", optional=True,
+                                  tooltip="Prompt of the video model for a native model (CLIPTextEncode)."),
+            io.Conditioning.Input("negative", optional=True,
+                                  tooltip="Negative prompt for a native model (needed when cfg > 1).")]

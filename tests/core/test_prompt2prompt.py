@@ -175,7 +175,7 @@ def _run(edit, source, target, frames=4, chunk=None, seed=0, steps=4):
     d = UNet2DDenoiser(unet, SD, frame_batch_size=chunk)
     x = torch.randn(1, 4, frames, 16, 16, generator=torch.Generator().manual_seed(seed))
     grid = SD.timesteps(steps)
-    return P.prompt2prompt(d, x, grid, edit, source, target, tiny.text(9), 7.5)
+    return P.prompt2prompt(d, x, grid, edit, P.pair_guidance(source, target, tiny.text(9), 7.5, frames))
 
 
 def _edit(mode="replace", cross=3, self_=3, blend=None, reweight=None, thr=0.3):

@@ -110,8 +110,13 @@ def test_bad_native_inputs_name_the_input(N, model, vb_full):
         invert(N, lat, "image model (frame-wise)", model=model)
     with pytest.raises(ValueError, match="VBDDIMInvert: model and image_model are both connected"):
         invert(N, lat, "image model (frame-wise)", model=model, conditioning=c, image_model=vb_full)
-    with pytest.raises(ValueError, match="VBDDIMInvert: model: a native MODEL inverts frame-wise"):
-        invert(N, lat, "video model (whole clip)", model=model, conditioning=c)
+    with pytest.raises(ValueError, match="VBDDIMInvert: model and video_model are both connected"):
+        invert(N, lat, "video model (whole clip)", model=model, conditioning=c, video_model=object())
+    with pytest.raises(ValueError, match="VBDDIMInvert: capture_attention: features are captured from a video-model"):
+        invert(N, lat, "image model (frame-wise)", model=model, conditioning=c, capture_attention="shallow")
+    with pytest.raises(ValueError, match="VBDDIMInvert: custom_layers: .* not found in this model"):
+        invert(N, lat, "video model (whole clip)", model=model, conditioning=c, capture_attention="custom",
+               custom_layers="up_blocks.7.attentions.0.transformer_blocks.0.attn1")
     sdxl = model.clone()
     sdxl.model = type("Fake", (), {"latent_format": comfy.latent_formats.SDXL(), "model_config": object()})()
     with pytest.raises(ValueError, match="VBDDIMInvert: model: this MODEL is object \\(SDXL latents\\); only SD1.5"):
@@ -231,6 +236,95 @@ def test_a_native_motion_model_smooths_the_whole_clip(N, model, vb_full):
     assert torch.equal(frame_wise[1:], plain[1:])                       # frame-wise: other frames untouched
     assert float((coupled[1:] - moved[1:]).abs().max()) > 1e-3          # motion module: they move too
     assert same_state(before, state(model))
+
+
+@torch.no_grad()
+def test_sfi_capture_and_injection_on_a_native_video_model(N, model, vb_full):
+    """BIVDiff/EVS feature capture (VBDDIMInvert, invert_with video model) and Selective Feature Injection
+    (VBVideoDenoise with the bank) on a native MODEL as the video model: the same bank and latents as the core
+    samplers with the diffusers processor on the same weights; the injection changes the smoothing; the MODEL keeps
+    no patch."""
+    from videobridge.core import evs
+    from videobridge.core.denoisers import Branch, UNet2DDenoiser, cfg, single
+    from videobridge.core.samplers import ddim_sample
+    from videobridge.nodes import runtime
+
+    lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
+    before = state(model)
+    noisy, bank = run(N["VBDDIMInvert"], latent=lat, invert_with="video model (whole clip)", prompt="", steps=STEPS,
+                      fixed_point_iterations=0, frame_batch_size=0, legacy_grid=False, inflated_groupnorm=False,
+                      model=model, conditioning=conds(vb_full, "")[0], capture_attention="shallow")[:2]
+    den = UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule)
+    z0 = runtime.from_latent(lat, "latent", 0.18215, "cpu")
+    grid = noisy["vb_grid"]
+    empty, text, null = runtime.encode(vb_full, ["", "a cat", ""]).split(1)
+    z_ref, bank_ref = evs.sfi_invert(den, z0, grid, single(Branch(empty)), "shallow", grid)
+    z = runtime.from_latent(noisy, "latent", 0.18215, "cpu")
+    assert float((z - z_ref).abs().max() / z_ref.abs().max()) < 1e-4
+    assert set(bank.entries) == set(bank_ref.entries) and len(bank.entries) == 9 * STEPS
+    worst = max(float((a - b).abs().max() / b.abs().max()) for key in bank.entries
+                for a, b in zip(bank.entries[key], bank_ref.entries[key]))
+    assert worst < 2e-3                                                  # fp16 storage: 1 ulp is 9.8e-4
+
+    positive, negative = conds(vb_full, "a cat", "")
+    kw = dict(model=model, positive=positive, negative=negative)
+    plain = smooth(N, noisy, **kw)["samples"]
+    injected = smooth(N, noisy, attention_bank=bank, sfi_gamma=0.8, sfi_layers="deep", **kw)["samples"]
+    with evs.injecting(den, bank_ref, "deep", 0.8):
+        ref = ddim_sample(den, z_ref, grid, cfg(Branch(text), Branch(null), 7.5))
+    ref = runtime.to_latent(ref, 0.18215)["samples"]
+    assert float((injected - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert float((injected - plain).abs().max() / plain.abs().max()) > 1e-2
+    assert same_state(before, state(model))
+
+
+@torch.no_grad()
+def test_encapsulated_block_and_nivsds_on_a_native_video_model(N, model, vb_full):
+    """VBEncapsulatedT2V (both block modes: SDEdit, and inversion + SFI through the attention patches) and VBNIVSDS
+    with a native MODEL as the video model equal the core block and NI-VSDS run by the diffusers UNet on the same
+    weights: same grid, noise stream, scaling, guidance and injection."""
+    from videobridge.core import evs, i4vgen
+    from videobridge.core.denoisers import Branch, UNet2DDenoiser, cfg
+    from videobridge.core.samplers import initial_noise
+    from videobridge.nodes import runtime
+
+    lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
+    z = runtime.from_latent(lat, "latent", 0.18215, "cpu")
+    positive, negative = conds(vb_full, "a cat", "")
+    kw = dict(model=model, positive=positive, negative=negative)
+    den = UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule)
+    text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
+    guide = cfg(Branch(text), Branch(null), 7.5)
+    before = state(model)
+    grid_v = evs.t2v_grid(den.schedule, 8, "leading", 501, 2)
+    for mode, name in (("sdedit", "sdedit"), ("inversion_sfi", "inversion + SFI")):
+        ours = run(N["VBEncapsulatedT2V"], latent=lat, prompt="a cat", negative_prompt="", seed=0, t2v_steps=8,
+                   t_V=501, n_V=2, cfg=7.5, block=name, sfi_layers="shallow", sfi_gamma=0.5,
+                   fixed_point_iterations=0, bank_storage="cpu (fp16)", bank_budget_gb=8.0, **kw)[0]["samples"]
+        ref = evs.t2v_block(den, z, grid_v, 2, guide, mode=mode, noise=initial_noise(z.shape, evs.STREAMS["t2v"]),
+                            sfi_layers="shallow", sfi_gamma=0.5)
+        ref = runtime.to_latent(ref, 0.18215)["samples"]
+        # sdedit: 4.2e-6. inversion + SFI: 5.3e-4, because the bank is stored in fp16 and an ulp there (1e-3) moves
+        # the injected attention: on the diffusers path alone, z scaled by 1 + 1e-6 moves the result by 2.2e-3
+        assert float((ours - ref).abs().max() / ref.abs().max()) < (1e-4 if mode == "sdedit" else 2e-3), mode
+
+    params = i4vgen.I4VGenParams(steps=STEPS, cfg=7.5, p_ni=0.6, step_sizes=[10.0, 1.0]).checked()
+    ours = run(N["VBNIVSDS"], latent=lat, prompt="a cat", negative_prompt="", seed=3, steps=STEPS, cfg=7.5, p_ni=0.6,
+               step_sizes="10, 1", official_scheduler_config=False, **kw)[0]["samples"]
+    den.kind = "video"                     # the same frame-wise UNet in the video role, as the MODEL without motion
+    den_v, grid, _ = i4vgen.video_stages(den, params)
+    ref = i4vgen.ni_vsds(den_v, z, i4vgen.stream_noise(z.shape, 3, "nivsds"), grid, guide, params.step_sizes)
+    ref = runtime.to_latent(ref, 0.18215)["samples"]
+    assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert float((ours - lat["samples"]).abs().max()) > 1e-3                # NI-VSDS moved it
+    assert same_state(before, state(model))
+    with pytest.raises(ValueError, match="VBNIVSDS: video_model / model: .* neither is connected"):
+        run(N["VBNIVSDS"], latent=lat, prompt="", negative_prompt="", seed=3, steps=STEPS, cfg=7.5, p_ni=0.6,
+            step_sizes="1", official_scheduler_config=False)
+    with pytest.raises(ValueError, match="VBEncapsulatedT2V: negative: a native model takes its prompts"):
+        run(N["VBEncapsulatedT2V"], latent=lat, prompt="", negative_prompt="", seed=0, t2v_steps=8, t_V=501, n_V=2,
+            cfg=7.5, block="sdedit", sfi_layers="shallow", sfi_gamma=0.5, fixed_point_iterations=0,
+            bank_storage="cpu (fp16)", bank_budget_gb=8.0, model=model, positive=positive)
 
 
 def test_bad_native_video_inputs_name_the_input(N, model, vb_full, zeroscope):
@@ -381,10 +475,56 @@ def test_native_attention_control_equals_the_diffusers_processor(model, vb_full)
     assert float((theirs - plain).abs().max() / plain.abs().max()) > 1e-2      # the injection does something
     assert same_state(before, state(model))
 
+    class Failing(AttentionController):                   # an error inside a patched layer, mid-run
+        def attend(self, *args):
+            raise RuntimeError("boom")
+
+    def failing(den):
+        with den.controlled(Failing(layers, banks[0], "inject")):
+            return den(y, t, native.guidance(7.5))
+
+    with pytest.raises(RuntimeError, match="boom"):
+        native.run(model, {"positive": positive, "negative": negative}, y, [t], sched, failing)
+    assert same_state(before, state(model))
+    assert torch.equal(plain, native.run(model, {"positive": positive, "negative": negative}, y, [t], sched,
+                                         lambda den: den(y, t, native.guidance(7.5))))     # no patch left behind
+
     patched = model.clone()
     patched.set_model_attn1_replace(lambda q, k, v, extra: q, "output", 3, 0)
     with pytest.raises(ValueError, match=r"model: this MODEL already replaces the attention of "
                                          r"up_blocks.1.attentions.0.transformer_blocks.0.attn1"):
-        native.run(patched, {"positive": positive}, y, [t], sched, lambda den: den.controlled(
-            AttentionController(layers, banks[0], "inject")).__enter__())
+        native.run(patched, {"positive": positive}, y, [t], sched,
+                   lambda den: den.controlled(AttentionController(layers, banks[0], "inject")).__enter__())
     assert list(patched.model_options["transformer_options"]["patches_replace"]["attn1"]) == [("output", 3, 0)]
+
+
+@torch.no_grad()
+def test_prompt2prompt_on_a_native_model_equals_the_vb_model(N, native_sd15, vb_full):
+    """VBPrompt2PromptEdit on CheckpointLoaderSimple's MODEL, CLIP and VAE gives the VB result on the same weights
+    (edited frames, source copy and re-encoded latent to rounding), for replace with reweight and LocalBlend (every
+    spatial attention layer through ComfyUI's patches, the [2, 77, D] pair cond repeated over the interleaved rows)
+    and for refine on generated frames; identical prompts give the source copy back exactly; the edit needs the
+    attention edits (without them the copies differ only by their prompt); weighting syntax is refused."""
+    from .test_p2p_nodes import p2p
+
+    model, clip, vae = native_sd15
+    before = state(model)
+    nat = dict(image_model=None, model=model, clip=clip, vae=vae)
+    for kw in (dict(reweight="dog:2", blend_source_words="cat", blend_edit_words="dog", steps=4),
+               dict(mode="refine", edit_prompt="a fluffy dog sitting on grass", images=None, frames=2)):
+        ours, theirs = p2p(N, vb_full, **kw), p2p(N, None, **kw, **nat)
+        for name, a, b in zip(("images", "latent", "source_images"), ours, theirs):
+            a, b = (x["samples"] if isinstance(x, dict) else x for x in (a, b))
+            assert float((a - b).abs().max() / a.abs().max()) < 1e-3, (kw, name)
+        assert float((ours[0] - ours[2]).abs().max()) > 1e-2
+    same, _, source = p2p(N, None, edit_prompt="a cat sitting on grass", n_cross=1.0, n_self=1.0, **nat)
+    assert torch.equal(same, source)
+    no_edit, _, _ = p2p(N, None, n_cross=0.0, n_self=0.0, **nat)
+    edited = p2p(N, None, **nat)[0]
+    assert float((edited - no_edit).abs().max()) > 1e-3
+    assert same_state(before, state(model))
+    with pytest.raises(ValueError, match="VBPrompt2PromptEdit: edit_prompt: ComfyUI reads this prompt as other "
+                                         "tokens"):
+        p2p(N, None, edit_prompt="a (dog:1.3) sitting on grass", **nat)
+    with pytest.raises(ValueError, match="VBPrompt2PromptEdit: clip: a native model needs its CLIP"):
+        p2p(N, None, **dict(nat, clip=None))

@@ -7,8 +7,8 @@ import torch
 from .test_nodes import FRAMES, INPAINT, SIZE, STEPS, invert, run, video
 
 
-def p2p(N, model, **kw):
-    args = dict(image_model=model, source_prompt="a cat sitting on grass", edit_prompt="a dog sitting on grass",
+def p2p(N, vb, **kw):
+    args = dict(image_model=vb, source_prompt="a cat sitting on grass", edit_prompt="a dog sitting on grass",
                 mode="replace", negative_prompt="", seed=0, steps=STEPS, cfg=7.5, n_cross=0.4, n_self=0.4,
                 reweight="", blend_source_words="", blend_edit_words="", width=SIZE, height=SIZE, frames=FRAMES,
                 frame_batch_size=0, images=video())
