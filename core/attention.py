@@ -15,6 +15,9 @@ projects Q/K/V and asks ``controller.attend(name, q, k, v, mask)`` for the atten
 (``core.prompt2prompt.Prompt2PromptController``).
 
 The injection itself is a plain function of tensors, ``sfi_attention`` (EVS paper Eq. 11), so any backend can use it.
+Layers are named as in diffusers and described by a backend-free table ``{name: (level, inner_dim)}``
+(``layer_table`` for a diffusers UNet); ``resolve_layers`` and ``estimate_bank_bytes`` read only that table, so
+another backend (``nodes.native``: ComfyUI's attention replace patches) selects and sizes the same layers.
 
 Layouts: spatial attention rows are ``(branch frame)`` = ``[(K*nf), L, C]`` in the batch (diffusers folds frames
 into the batch for UNet2D, UNetMotionModel and UNet3D alike); after the head split ``[(K*nf), heads, L, d]``.

@@ -324,7 +324,7 @@ class VBPrompt2PromptEdit(io.ComfyNode):
         cb = progress.callbacks
         device = runtime.mm.get_torch_device()
         if images is not None:
-            z0 = native.vae_encode(vae, runtime.image_to_video(images, "images", device), scale)
+            z0 = native.vae_encode(vae, runtime.image_to_video(images, "images", device), scale).to(device)
 
         def loop(den):
             if images is not None:

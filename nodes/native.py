@@ -265,13 +265,14 @@ class NativeDenoiser:
         frames = rearrange(x, "b c f h w -> (b f) c h w")
         self._roles = tuple(b.role for b in guidance.branches)
         tell(self.controller, step, t, guidance, 0, x.shape[2], x.shape[2])
-        xk = frames * math.sqrt(1.0 + sigma * sigma)                    # x_t / sqrt(abar)
-        s = torch.full((frames.shape[0],), sigma, device=frames.device, dtype=torch.float32)
+        device = self.guider.model_patcher.load_device                 # the sampler's device, wherever x lives
+        xk = frames.to(device) * math.sqrt(1.0 + sigma * sigma)         # x_t / sqrt(abar)
+        s = torch.full((frames.shape[0],), sigma, device=device, dtype=torch.float32)
         outs = comfy.samplers.calc_cond_batch(self.guider.inner_model, [conds[b.text] for b in guidance.branches],
                                               xk, s, self.model_options)
         self.calls += 1
         eps = torch.stack([(xk - d.float()) / sigma for d in outs])      # [K, F, c, h, w]
-        return combine(rearrange(eps, "k f c h w -> k c f h w"), guidance)
+        return combine(rearrange(eps, "k f c h w -> k c f h w"), guidance).to(x.device)
 
 
 def run(model, conds: dict, latent: torch.Tensor, timesteps, schedule: NoiseSchedule,

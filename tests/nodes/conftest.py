@@ -21,7 +21,12 @@ def comfy_env(tmp_path_factory):
         sys.path.remove(COMFY)
     sys.path.insert(0, COMFY)
     import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    if os.environ.get("VIDEOBRIDGE_TEST_GPU") == "1":       # a GPU check (benchmarks/README.md): ComfyUI on the GPU,
+        comfy.cli_args.args.force_fp32 = True               # fp32 weights and no TF32, so the tests' fp32
+        import torch                                        # tolerances still hold
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    elif os.environ.get("VIDEOBRIDGE_TEST_GPU") != "fp16":  # "fp16": ComfyUI's own GPU defaults (only errors other
+        comfy.cli_args.args.cpu = True                      # than tolerances mean something then)
     import folder_paths
     from tools.standins import ensure_standins
 
@@ -62,3 +67,19 @@ def native_sd15(comfy_env):
 
     teach_comfyui()
     return nodes.CheckpointLoaderSimple().load_checkpoint("dreamshaper_8.safetensors")[:3]
+
+
+if os.environ.get("VIDEOBRIDGE_TEST_GPU") in ("1", "fp16"):
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(item):
+        """On the GPU check, fixtures and tests run under torch.inference_mode, as ComfyUI runs every node: tensors
+        made in it (weights moved to the GPU included) cannot be used outside it."""
+        import torch
+        with torch.inference_mode():
+            yield
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(item):
+        import torch
+        with torch.inference_mode():
+            yield
