@@ -247,8 +247,14 @@ class NativeDenoiser:
         before the output projection out, computed by ``controller.attend`` on ``[B, heads, L, d]``."""
         def attend(q, k, v, extra):
             roles = tuple(self._roles[i] for i in extra["cond_or_uncond"])
-            if controller.context is not None and controller.context.branches != roles:
-                controller.context = replace(controller.context, branches=roles)
+            ctx = controller.context
+            if ctx is not None and q.shape[0] != len(roles) * ctx.chunk_frames:
+                raise ValueError(f"model: layer {name} got {q.shape[0]} rows for {len(roles)} guidance branches of "
+                                 f"{ctx.chunk_frames} frames: this MODEL evaluates the clip in pieces (context "
+                                 "options of AnimateDiff-Evolved, area conds), and attention control needs the whole "
+                                 "clip in one call; remove them, or use a VB video model with VBContextWindows")
+            if ctx is not None and ctx.branches != roles:
+                controller.context = replace(ctx, branches=roles)
             q, k, v = (rearrange(x, "b l (h d) -> b h l d", h=extra["n_heads"]) for x in (q, k, v))
             return rearrange(controller.attend(name, q, k, v, None), "b h l d -> b l (h d)")
         return attend

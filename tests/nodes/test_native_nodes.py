@@ -295,6 +295,19 @@ def test_sfi_capture_and_injection_on_a_native_video_model(N, model, vb_full):
     assert rel(injected, plain, plain) > 1e-2
     assert same_state(before, state(model))
 
+    pieces = model.clone()                       # evaluates the clip in two halves, as context windows do
+
+    def in_halves(apply_model, args):
+        x, n = args["input"], args["input"].shape[0]
+        halves = [{k: v[i:i + n // 2] if torch.is_tensor(v) and v.shape[0] == n else v for k, v in args["c"].items()}
+                  for i in (0, n // 2)]
+        return torch.cat([apply_model(x[i:i + n // 2], args["timestep"][i:i + n // 2], **c)
+                          for i, c in zip((0, n // 2), halves)])
+
+    pieces.set_model_unet_function_wrapper(in_halves)
+    with pytest.raises(ValueError, match="model: layer .* this MODEL evaluates the clip in pieces"):
+        smooth(N, noisy, attention_bank=bank, sfi_gamma=0.8, sfi_layers="deep", **dict(kw, model=pieces))
+
 
 @torch.no_grad()
 def test_encapsulated_block_and_nivsds_on_a_native_video_model(N, model, vb_full):
@@ -549,3 +562,5 @@ def test_prompt2prompt_on_a_native_model_equals_the_vb_model(N, native_sd15, vb_
         p2p(N, None, edit_prompt="a (dog:1.3) sitting on grass", **nat)
     with pytest.raises(ValueError, match="VBPrompt2PromptEdit: clip: a native model needs its CLIP"):
         p2p(N, None, **dict(nat, clip=None))
+    with pytest.raises(ValueError, match="VBPrompt2PromptEdit: clip: this CLIP is object; an SD1.5 CLIP"):
+        p2p(N, None, **dict(nat, clip=type("OtherCLIP", (), {"tokenizer": object()})()))
