@@ -208,15 +208,19 @@ class NativeDenoiser:
             self._layers = attention_layers(self.model)
         return self._layers
 
+    @property
+    def table(self) -> dict:
+        """The layers as ``core.attention``'s backend-free table ``{name: (level, inner_dim)}``."""
+        return {n: v[1:] for n, v in self.layers.items()}
+
     def attention_layers(self, layers) -> tuple:
         """The controllable layer names of a preset or an explicit list (``core.attention.resolve_layers``)."""
-        return resolve_layers({n: v[1:] for n, v in self.layers.items()}, layers)
+        return resolve_layers(self.table, layers)
 
     def bank_bytes(self, layers, num_frames: int, latent_hw: tuple, num_steps: int,
                    dtype: torch.dtype = torch.float16) -> int:
         """Bytes a Q/K/V bank of ``layers`` would hold (``core.attention.estimate_bank_bytes``)."""
-        return estimate_bank_bytes({n: v[1:] for n, v in self.layers.items()}, layers, num_frames, latent_hw,
-                                   num_steps, dtype)
+        return estimate_bank_bytes(self.table, layers, num_frames, latent_hw, num_steps, dtype)
 
     @contextlib.contextmanager
     def controlled(self, controller):
