@@ -250,10 +250,8 @@ class VBPrompt2PromptEdit(io.ComfyNode):
                 raise ValueError(f"{node}: {name} is empty; Prompt2Prompt edits a prompt into another")
         is_native = native.one_model(node, "image_model", image_model, model, "VBLoadImageModel")
         if is_native:
-            for name, given in (("clip", clip), ("vae", vae)):
-                if given is None:
-                    raise ValueError(f"{node}: {name}: a native model needs its {name.upper()} too "
-                                     f"(CheckpointLoaderSimple's {name.upper()} output)")
+            native.need(node, "clip", clip)
+            native.need(node, "vae", vae)
             tokenizer = native.clip_tokenizer(clip, f"{node}: clip")
             for name, text in (("source_prompt", source_prompt), ("edit_prompt", edit_prompt)):
                 native.plain_prompt(clip, tokenizer, text, f"{node}: {name}")

@@ -222,8 +222,7 @@ class VBEVSRefine(io.ComfyNode):
         n, H, W = pixels.shape[2:]
         if native.one_model(node, "image_model", image_model, model, "VBLoadImageModel"):
             conds = native.conds(node, positive, negative, native.cfg_need(cfg))
-            if vae is None:
-                raise ValueError(f"{node}: vae: a native model needs its VAE (CheckpointLoaderSimple's VAE output)")
+            native.need(node, "vae", vae)
             schedule, scale = native.schedule_of(model, f"{node}: model"), model.model.latent_format.scale_factor
             image = native.NativeDenoiser(model, schedule)           # for plan's checks; the run makes the live one
         else:

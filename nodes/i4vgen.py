@@ -120,8 +120,8 @@ def _native_image(node: str, image_model, model, vae=None, need_vae: bool = Fals
     """(True, the MODEL's core schedule, its latent scale) for a native image model, after the checks; (False,
     None, the VB VAE's scale) for a VB one (a base SD1.5 model)."""
     if native.one_model(node, "image_model", image_model, model, "VBLoadImageModel"):
-        if need_vae and vae is None:
-            raise ValueError(f"{node}: vae: a native model needs its VAE (CheckpointLoaderSimple's VAE output)")
+        if need_vae:
+            native.need(node, "vae", vae)
         return True, native.schedule_of(model, f"{node}: model"), model.model.latent_format.scale_factor
     _check_base(node, image_model)
     return False, None, vae_scale(image_model.model.vae)
@@ -260,14 +260,14 @@ class VBSelectAnchor(io.ComfyNode):
                              "frames; connect both outputs of the same VBAnchorCandidates")
         runtime.image_to_video(candidates, "candidates", "cpu")           # shape and finite checks
         progress = runtime.Progress(len(i4vgen.SCORE_TIMESTEPS))
-        alignment = None
-        if is_native:
-            def alignment(latents):
-                conds = native.conds(node, positive, negative, "the weight-free scorer")
-                return native.run(model, conds, latents, i4vgen.SCORE_TIMESTEPS, schedule,
-                                  lambda den: _native_alignment(den, seed, progress.callbacks)(latents), seed=seed)
+        def alignment(latents):                                          # the weight-free scorer on the MODEL
+            conds = native.conds(node, positive, negative, "the weight-free scorer")
+            return native.run(model, conds, latents, i4vgen.SCORE_TIMESTEPS, schedule,
+                              lambda den: _native_alignment(den, seed, progress.callbacks)(latents), seed=seed)
+
         index, _, text = _select(node, None if is_native else image_model, prompt, negative_prompt, scorer,
-                                 candidates, z, seed, candidate_index, progress.callbacks, alignment)
+                                 candidates, z, seed, candidate_index, progress.callbacks,
+                                 alignment if is_native else None)
         runtime.progress_text(text.split("\n")[0])
         return io.NodeOutput(candidates[index:index + 1], runtime.to_latent(z[:, :, index:index + 1], scale), text)
 

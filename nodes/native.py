@@ -49,6 +49,7 @@ from ..core.attention import estimate_bank_bytes, resolve_layers
 from ..core.denoisers import Branch, Guidance, combine, cfg, tell
 from ..core.schedule import NoiseSchedule, Timestep
 
+
 def guidance(cfg_scale: float) -> Guidance:
     """Classifier-free guidance over the conds ``run`` gets as ``positive`` and ``negative``."""
     return cfg(Branch("positive"), Branch("negative"), cfg_scale)
@@ -72,6 +73,14 @@ def conds(node: str, positive, negative, negative_for: Optional[str] = None) -> 
                          f"prompts as CONDITIONING (CLIPTextEncode)"
                          + (f"; the negative one is needed for {negative_for}" if negative_for else ""))
     return {"positive": positive, **({"negative": negative} if negative is not None else {})}
+
+
+def need(node: str, name: str, value) -> None:
+    """Raise ValueError naming input ``name`` ("vae", "clip") when a native model's companion from
+    CheckpointLoaderSimple is not connected."""
+    if value is None:
+        raise ValueError(f"{node}: {name}: a native model needs its {name.upper()} too (CheckpointLoaderSimple's "
+                         f"{name.upper()} output)")
 
 
 def cfg_need(cfg_scale: float) -> Optional[str]:

@@ -28,7 +28,7 @@ def conds(vb, *prompts):
     return [[[e[None], {}]] for e in runtime.encode(vb, list(prompts))]
 
 
-def DEVICE():
+def model_device():
     """Where the models run: the CPU here, the GPU on the GPU check (benchmarks/README.md)."""
     import comfy.model_management
     return comfy.model_management.get_torch_device()
@@ -75,7 +75,7 @@ def test_native_eps_equals_the_diffusers_backend(model, vb_full):
     from videobridge.nodes import native, runtime
 
     sched = native.schedule_of(model, "model")
-    x = torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0)).to(DEVICE())
+    x = torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0)).to(model_device())
     text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
     positive, negative = conds(vb_full, "a cat", "")
     for t in (981, 501, 21):
@@ -170,7 +170,7 @@ def test_native_controlnet_conds_and_separate_branches_equal_the_vb_backend(N, m
     from .test_nodes import CANNY
 
     sched = native.schedule_of(model, "model")
-    x = torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(1)).to(DEVICE())
+    x = torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(1)).to(model_device())
     hint = torch.rand(FRAMES, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(2))
     text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
     positive, negative = conds(vb_full, "a cat", "")
@@ -237,7 +237,7 @@ def test_a_native_motion_model_smooths_the_whole_clip(N, model, vb_full):
     positive, negative = conds(vb_full, "a cat", "")
     plain = smooth(N, noisy, model=model, positive=positive, negative=negative)["samples"]
     text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
-    z = runtime.from_latent(noisy, "latent", 0.18215, DEVICE())
+    z = runtime.from_latent(noisy, "latent", 0.18215, model_device())
     ref = ddim_sample(UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule), z, noisy["vb_grid"],
                       cfg(Branch(text), Branch(null), 7.5))          # what temporal smoothing runs, frame-wise
     ref = runtime.to_latent(ref, 0.18215)["samples"]
@@ -273,11 +273,11 @@ def test_sfi_capture_and_injection_on_a_native_video_model(N, model, vb_full):
                       fixed_point_iterations=0, frame_batch_size=0, legacy_grid=False, inflated_groupnorm=False,
                       model=model, conditioning=conds(vb_full, "")[0], capture_attention="shallow")[:2]
     den = UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule)
-    z0 = runtime.from_latent(lat, "latent", 0.18215, DEVICE())
+    z0 = runtime.from_latent(lat, "latent", 0.18215, model_device())
     grid = noisy["vb_grid"]
     empty, text, null = runtime.encode(vb_full, ["", "a cat", ""]).split(1)
     z_ref, bank_ref = evs.sfi_invert(den, z0, grid, single(Branch(empty)), "shallow", grid)
-    z = runtime.from_latent(noisy, "latent", 0.18215, DEVICE())
+    z = runtime.from_latent(noisy, "latent", 0.18215, model_device())
     assert rel(z, z_ref, z_ref) < 1e-4
     assert set(bank.entries) == set(bank_ref.entries) and len(bank.entries) == 9 * STEPS
     worst = max(rel(a, b, b) for key in bank.entries
@@ -320,7 +320,7 @@ def test_encapsulated_block_and_nivsds_on_a_native_video_model(N, model, vb_full
     from videobridge.nodes import runtime
 
     lat = run(N["VBEncodeFrames"], image_model=vb_full, images=video(), frames_per_chunk=8)[0]
-    z = runtime.from_latent(lat, "latent", 0.18215, DEVICE())
+    z = runtime.from_latent(lat, "latent", 0.18215, model_device())
     positive, negative = conds(vb_full, "a cat", "")
     kw = dict(model=model, positive=positive, negative=negative)
     den = UNet2DDenoiser(vb_full.model.unet, vb_full.model.schedule)
@@ -479,7 +479,7 @@ def test_native_attention_control_equals_the_diffusers_processor(model, vb_full)
     assert plan.bank_bytes(layers, FRAMES, (8, 8), 1) == UNet2DDenoiser(unet, sched).bank_bytes(layers, FRAMES,
                                                                                                  (8, 8), 1)
     g = torch.Generator().manual_seed(1)
-    x, y = (torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=g).to(DEVICE()) for _ in range(2))
+    x, y = (torch.randn(1, 4, FRAMES, SIZE // 8, SIZE // 8, generator=g).to(model_device()) for _ in range(2))
     text, null = runtime.encode(vb_full, ["a cat", ""]).split(1)
     positive, negative = conds(vb_full, "a cat", "")
     t = 501
